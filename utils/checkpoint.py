@@ -1,0 +1,128 @@
+"""Checkpoints: official naming, safe loading, clear errors.
+
+Model weights are plain state dicts, named as the official code does: ``{arch}_{k}_best.pth`` (client k,
+0-based), ``{arch}_{k}_last.pth``, ``global_{arch}_best.pth``. Every load uses
+``torch.load(..., weights_only=True)``: a file holding anything but tensors and plain containers is
+refused, and no code in it runs.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .io import atomic_torch_save
+
+IGNORED_PREFIXES = ("backbone.fc.",)  # the official models carry an unused classification layer
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file and what is wrong."""
+
+
+def client_ckpt_name(arch: str, k: int, which: str = "best") -> str:
+    return f"{arch}_{k}_{which}.pth"
+
+
+def global_ckpt_name(arch: str, which: str = "best") -> str:
+    return f"global_{arch}_{which}.pth"
+
+
+def save_weights(model: torch.nn.Module, path, writer=None) -> Path:
+    """Atomically save ``model``'s state dict (CPU tensors); on ``writer``'s thread if given."""
+    if writer is not None:
+        writer.save(model.state_dict(), path)
+        return Path(path)
+    return atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def safe_load(path, what: str = "checkpoint"):
+    """``torch.load(path, map_location='cpu', weights_only=True)`` with readable errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds Python objects other than tensors and plain "
+            f"containers, which could run code when unpickled (weights_only=True). Only load files "
+            f"from sources you trust; re-save them as a plain state_dict. ({first})") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read the {what}: the file is truncated or corrupt "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def extract_state_dict(obj, path) -> Dict[str, torch.Tensor]:
+    """A plain state dict from what was loaded: unwraps ``{'state_dict': ...}``/``{'model': ...}`` and
+    the ``module.`` prefix of DataParallel."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _signature(model_or_sd) -> set:
+    sd = model_or_sd if isinstance(model_or_sd, dict) else model_or_sd.state_dict()
+    return {(k, tuple(v.shape)) for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
+
+
+def guess_arch(state_dict: Dict[str, torch.Tensor], candidates: Optional[List[str]] = None) -> Tuple[str, float]:
+    """The registered architecture whose (key, shape) set best matches ``state_dict`` (Jaccard index).
+
+    Models are built on the ``meta`` device, so this allocates no weights.
+    """
+    import networks
+
+    target = _signature(state_dict)
+    best, score = "unknown", 0.0
+    for arch in candidates or networks.available():
+        try:
+            with torch.device("meta"):
+                sig = _signature(networks.build_model(arch))
+        except Exception:
+            continue
+        s = len(sig & target) / max(1, len(sig | target))
+        if s > score:
+            best, score = arch, s
+    return best, score
+
+
+def load_weights(model: torch.nn.Module, path, arch: Optional[str] = None) -> None:
+    """Load a weights file into ``model`` strictly (except ``backbone.fc.*``, which is dropped).
+
+    A mismatch raises :class:`CheckpointError` naming the expected architecture, the one the file's
+    keys look like, and the first missing/unexpected/mis-shaped keys.
+    """
+    sd = extract_state_dict(safe_load(path, "weights file"), path)
+    sd = {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        arch = arch or getattr(model, "arch", type(model).__name__)
+        looks, score = guess_arch(sd)
+        parts = [f"{path}: weights do not fit architecture {arch!r}"]
+        if looks != arch:
+            parts.append(f"the file's keys look like {looks!r} ({score:.0%} of keys and shapes match)")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), first: {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), first: {', '.join(unexpected[:5])}")
+        if shape:
+            parts.append(f"{len(shape)} shape mismatch(es), first: {'; '.join(shape[:3])}")
+        raise CheckpointError("; ".join(parts))
+    model.load_state_dict(sd, strict=True)

@@ -1,0 +1,311 @@
+"""Experiment configuration: YAML file + ``--set key.sub=value`` overrides, validated up front.
+
+:data:`SCHEMA` is the single source of truth: every key, its default, its type and what it means.
+``python -m utils.config`` prints it as the Markdown table of the README. An unknown or mistyped key
+is an error that lists the valid keys; so is a value of the wrong type.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem with the configuration; the message names the file/key and what is wrong."""
+
+
+class Key:
+    """One configuration key: default, accepted type(s), optional choices, documentation."""
+
+    def __init__(self, default, types, doc: str, choices: Optional[Iterable] = None,
+                 nullable: bool = False, check=None):
+        self.default, self.types, self.doc = default, types, doc
+        self.choices = list(choices) if choices is not None else None
+        self.nullable, self.check = nullable, check
+
+
+def _pos(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _nonneg(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _unit(v):
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+def _str_list(v):
+    return None if all(isinstance(x, str) and x for x in v) and v else "must be a non-empty list of names"
+
+
+def _ratio(v):
+    vals = v if isinstance(v, list) else [v]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in vals):
+        return "must be a number in [0, 1] or a list of them (one per client)"
+    return None
+
+
+def _tvt(v):
+    if len(v) != 3 or not all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in v):
+        return "must be three fractions [train, val, test]"
+    return None if abs(sum(v) - 1) < 1e-6 else f"must sum to 1 (sums to {sum(v)})"
+
+
+def _device(v):
+    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"
+
+
+def _synthetic(v):
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) - {"public", "per_client", "seed"} or \
+            not all(isinstance(x, int) and x > 0 for k, x in v.items() if k != "seed"):
+        return "must be null or {public: N, per_client: N, seed: S} with positive counts"
+    return None
+
+
+SCHEMA: Dict[str, Any] = {
+    "name": Key("hssf", str, "Experiment name (used in `output.dir`)."),
+    "method": Key("hssf", str, "Federated method: `hssf`, `lssl` (FedAvg + local SSL, homogeneous), "
+                  "`local` (no collaboration). See `fed/`."),
+    "seed": Key(42, int, "Seeds data splits, augmentation, noise, dropout and initialisation."),
+    "device": Key("auto", str, "`auto` (CUDA if available, else CPU), `cpu`, `cuda`, `cuda:N`.",
+                  check=_device),
+    "data": {
+        "root": Key("data", str, "Folder holding `<dataset>/<site>/{image,mask}/`. Relative paths are "
+                    "relative to the working directory."),
+        "dataset": Key("polyp", str, "Dataset folder name under `root` (`polyp`, `isic`, ...)."),
+        "public": Key("CVC-ColonDB", str, "Site of the server's labeled public set D_p."),
+        "clients": Key(["CVC-ClinicDB", "EndoTect-ETIS", "CVC-300", "Kvasir"], list,
+                       "Client sites, in order (client k = entry k).", check=_str_list),
+        "split": Key(None, str, "Split JSON (official format). `null`: `<root>/splits/<official name>`, "
+                     "generated with `seed` if it does not exist.", nullable=True),
+        "labeled_ratio": Key(0.0, (float, list), "Fraction of each client's train files that are "
+                             "labeled (one number or one per client). Used when generating a split.",
+                             check=_ratio),
+        "train_val_test": Key([0.8, 0.1, 0.1], list, "Per-client split fractions (generation only).",
+                              check=_tvt),
+        "size": Key(384, int, "Images are resized to size x size.", check=_pos),
+        "batch_size": Key(4, int, "Batch size of every loader (>= 2: BatchNorm in training).",
+                          check=lambda v: None if v >= 2 else "must be >= 2 (BatchNorm needs 2 samples)"),
+        "num_workers": Key(2, int, "DataLoader worker processes (0 = load in the main process).",
+                           check=_nonneg),
+        "shuffle": Key(False, bool, "Shuffle training loaders. The official code does not (faithful "
+                       "default: false)."),
+        "cache": Key(True, bool, "Keep resized images in memory (read each file once)."),
+        "eval_drop_last": Key(True, bool, "During training, val/test loaders drop the last partial "
+                              "batch, as the official code (test.py always scores every image)."),
+        "public_noise": Key(0.1, float, "Std of the Gaussian noise (clamped to +-2 std) added to public "
+                            "batches in Condensation/Fusion and to strong views; 0 disables.",
+                            check=_nonneg),
+        "synthetic": Key(None, dict, "`null`, or `{public: N, per_client: N, seed: S}`: generate "
+                         "synthetic sites under `root/dataset` on first use (demo, tests).",
+                         nullable=True, check=_synthetic),
+    },
+    "models": {
+        "server": Key("resnet101", str, "Server architecture (`python -m networks --list`)."),
+        "clients": Key(["resnet18", "resnet18", "resnet34", "resnet34"], list,
+                       "One architecture per client.", check=_str_list),
+    },
+    "train": {
+        "rounds": Key(200, int, "Communication rounds.", check=_pos),
+        "warmup_rounds": Key(20, int, "Rounds of supervised warm-up (no KL, no unlabeled data; "
+                             "official `pretrained_epoch`).", check=_nonneg),
+        "condensation_epochs": Key(4, int, "Passes over D_p in Regularity Condensation per round.",
+                                   check=_nonneg),
+        "fusion_epochs": Key(4, int, "Passes over D_p in Regularity Fusion per round.", check=_nonneg),
+        "local_epochs": Key(1, int, "Local semi-supervised epochs per round.", check=_nonneg),
+        "optimizer": Key("adamw", str, "`adamw`, `adam` or `sgd` (momentum 0.9).",
+                         choices=["adamw", "adam", "sgd"]),
+        "lr": Key(1e-4, float, "Initial learning rate (server and clients).", check=_pos),
+        "weight_decay": Key(0.02, float, "Weight decay.", check=_nonneg),
+        "lr_final_factor": Key(0.01, float, "Cosine schedule floor (official `lrf`).", check=_unit),
+        "amp": Key(True, bool, "Mixed precision on CUDA (bf16 where supported, else fp16 with loss "
+                   "scaling); ignored on CPU."),
+        "channels_last": Key(True, bool, "channels_last memory format on CUDA; ignored on CPU."),
+    },
+    "hssf": {
+        "confide_theta": Key(4.0, float, "Weight of the Self-Assessment loss.", check=_nonneg),
+        "kl_theta": Key(10.0, float, "Weight of the KL terms of Condensation and Fusion.", check=_nonneg),
+        "unlabel_theta": Key(1.0, float, "Weight of the unlabeled loss.", check=_nonneg),
+        "temperature": Key(2.0, float, "KL temperature.", check=_pos),
+        "rpg_threshold": Key(0.3, float, "RPG: flip predictions where SA confidence is below this "
+                             "(official `unlabel_threshold`).", check=_unit),
+        "sample_threshold": Key(0.75, float, "Sample gate on mean confidence / grade (official "
+                                "`unlabel_thres`).", check=_unit),
+        "feature_perturbation": Key(True, bool, "Feature-perturbation consistency in the local step."),
+        "rpg": Key(True, bool, "Reliable Pseudo-label Generation (flip + sample gate); off = plain "
+                   "pseudo-labels, no gate."),
+    },
+    "output": {
+        "dir": Key("runs/{name}", str, "Run directory; `{name}` is replaced by `name`."),
+    },
+}
+
+
+class Config(dict):
+    """A dict with attribute access (``cfg.data.size``)."""
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def __setattr__(self, k, v):
+        self[k] = v
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
+
+
+def defaults(schema=SCHEMA) -> Config:
+    return Config({k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)
+                   for k, v in schema.items()})
+
+
+def _unknown(key: str, valid: List[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(valid)}")
+
+
+def _merge(base: Config, new: dict, schema: dict, prefix: str, where: str, errors: List[str]) -> None:
+    if not isinstance(new, dict):
+        errors.append(f"{where}: {prefix or 'top level'} must be a mapping, got {type(new).__name__}")
+        return
+    for k, v in new.items():
+        full = f"{prefix}{k}"
+        if k not in schema:
+            errors.append(str(_unknown(full, [f"{prefix}{x}" for x in schema], where)))
+        elif isinstance(schema[k], dict):
+            _merge(base[k], v, schema[k], full + ".", where, errors)
+        else:
+            base[k] = v
+
+
+def _typecheck(cfg: Config, schema: dict, prefix: str, errors: List[str]) -> None:
+    for k, spec in schema.items():
+        full, v = f"{prefix}{k}", cfg[k]
+        if isinstance(spec, dict):
+            _typecheck(v, spec, full + ".", errors)
+            continue
+        if v is None:
+            if not spec.nullable:
+                errors.append(f"{full}: must not be null")
+            continue
+        types = spec.types if isinstance(spec.types, tuple) else (spec.types,)
+        if float in types and isinstance(v, int) and not isinstance(v, bool):
+            v = cfg[k] = float(v)
+        if float in types and isinstance(v, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                v = cfg[k] = float(v)
+            except ValueError:
+                pass
+        ok = any(isinstance(v, t) and not (isinstance(v, bool) and t in (int, float)) for t in types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            errors.append(f"{full}: expected {names}, got {type(v).__name__} {v!r}")
+            continue
+        if spec.choices is not None and v not in spec.choices:
+            errors.append(f"{full}: {v!r} is not one of {', '.join(map(str, spec.choices))}")
+        msg = spec.check(v) if spec.check else None
+        if msg:
+            errors.append(f"{full}: {msg} (got {v!r})")
+
+
+def _cross_checks(cfg: Config, errors: List[str]) -> None:
+    d, m, t = cfg.data, cfg.models, cfg.train
+    if isinstance(d.clients, list) and isinstance(m.clients, list) and len(d.clients) != len(m.clients):
+        errors.append(f"models.clients has {len(m.clients)} entries but data.clients has "
+                      f"{len(d.clients)}: give one architecture per client")
+    if isinstance(d.labeled_ratio, list) and isinstance(d.clients, list) and \
+            len(d.labeled_ratio) != len(d.clients):
+        errors.append(f"data.labeled_ratio has {len(d.labeled_ratio)} entries for {len(d.clients)} clients")
+    if isinstance(d.clients, list) and d.public in d.clients:
+        errors.append(f"data.public {d.public!r} is also a client site")
+    if isinstance(d.clients, list) and len(set(d.clients)) != len(d.clients):
+        errors.append("data.clients lists a site twice")
+    if isinstance(t.warmup_rounds, int) and isinstance(t.rounds, int) and t.warmup_rounds > t.rounds:
+        errors.append(f"train.warmup_rounds ({t.warmup_rounds}) > train.rounds ({t.rounds})")
+
+
+def parse_override(s: str):
+    if "=" not in s:
+        raise ConfigError(f"--set {s!r}: expected key.sub=value")
+    key, val = s.split("=", 1)
+    try:
+        value = yaml.safe_load(val) if val != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {s!r}: cannot parse the value ({e})") from None
+    node: dict = {}
+    cur = node
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return node
+
+
+def load_config(path=None, overrides: Iterable[str] = (), extra: Optional[dict] = None) -> Config:
+    """Defaults <- YAML file <- ``extra`` dict <- ``--set`` overrides; then validated.
+
+    Raises :class:`ConfigError` listing every problem found.
+    """
+    cfg = defaults()
+    errors: List[str] = []
+    if path is not None:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        _merge(cfg, data, SCHEMA, "", str(p), errors)
+    if extra:
+        _merge(cfg, extra, SCHEMA, "", "settings", errors)
+    for s in overrides:
+        _merge(cfg, parse_override(s), SCHEMA, "", f"--set {s}", errors)
+    if not errors:
+        _typecheck(cfg, SCHEMA, "", errors)
+    if not errors:
+        _cross_checks(cfg, errors)
+    if not errors:
+        from fed import METHODS
+
+        if cfg.method not in METHODS:
+            errors.append(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    if errors:
+        src = f" in {path}" if path else ""
+        raise ConfigError(f"{len(errors)} configuration problem(s){src}:\n  - " + "\n  - ".join(errors))
+    cfg.output.dir = cfg.output.dir.replace("{name}", cfg.name)
+    cfg["_source"] = str(path) if path else None
+    return cfg
+
+
+def labeled_ratios(cfg: Config) -> List[float]:
+    r = cfg.data.labeled_ratio
+    return [float(x) for x in r] if isinstance(r, list) else [float(r)] * len(cfg.data.clients)
+
+
+def schema_markdown(schema=SCHEMA, prefix: str = "") -> str:
+    rows = []
+    for k, spec in schema.items():
+        if isinstance(spec, dict):
+            rows.append(schema_markdown(spec, f"{prefix}{k}."))
+        else:
+            rows.append(f"| `{prefix}{k}` | `{yaml.safe_dump(spec.default, default_flow_style=True).strip().removesuffix('...').strip()}` | {spec.doc} |")
+    text = "\n".join(rows)
+    return ("| key | default | meaning |\n|---|---|---|\n" + text) if not prefix else text
+
+
+if __name__ == "__main__":
+    print(schema_markdown())
