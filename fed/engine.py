@@ -58,8 +58,8 @@ class Federation:
 
         public = self._loader(data.public, "labeled", stream=0)
         torch.manual_seed(cfg.seed)
-        self.server = Server(cfg.models.server, networks.build_model(cfg.models.server), t, self.amp,
-                             period, public)
+        build = lambda arch: networks.build_model(arch, pretrained=cfg.models.pretrained)
+        self.server = Server(cfg.models.server, build(cfg.models.server), t, self.amp, period, public)
         self.clients: List[Client] = []
         for k, (site, arch) in enumerate(zip(d.clients, cfg.models.clients)):
             items = data.clients[k]
@@ -70,7 +70,7 @@ class Federation:
                 "test": self._loader(items["test_list"], "eval"),
             }
             torch.manual_seed(cfg.seed + 1 + k)  # each model's init independent of the others'
-            self.clients.append(Client(k, site, arch, networks.build_model(arch), t, self.amp, period, loaders))
+            self.clients.append(Client(k, site, arch, build(arch), t, self.amp, period, loaders))
         torch.manual_seed(cfg.seed)
         self.method = METHODS[cfg.method](self)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)

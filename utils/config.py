@@ -113,6 +113,9 @@ SCHEMA: Dict[str, Any] = {
         "server": Key("resnet101", str, "Server architecture (`python -m networks --list`)."),
         "clients": Key(["resnet18", "resnet18", "resnet34", "resnet34"], list,
                        "One architecture per client.", check=_str_list),
+        "pretrained": Key(None, str, "`null` (from scratch, as the paper) or `imagenet`: encoder "
+                          "weights from the local torch/timm cache (never downloaded at run time; the "
+                          "error names the file to place).", nullable=True, choices=["imagenet"]),
     },
     "train": {
         "rounds": Key(200, int, "Communication rounds.", check=_pos),
