@@ -47,7 +47,10 @@ def ensure_synthetic(cfg, progress: bool = False) -> None:
         from .synthetic import make_synthetic
 
         counts = {cfg.data.public: syn["public"], **{c: syn["per_client"] for c in cfg.data.clients}}
-        make_synthetic(cfg.data.root, cfg.data.dataset, counts, cfg.data.size, syn.get("seed", 0), progress)
+        try:
+            make_synthetic(cfg.data.root, cfg.data.dataset, counts, cfg.data.size, syn.get("seed", 0), progress)
+        except FileExistsError as e:
+            raise DataError([str(e)]) from None
 
 
 def load_federation(cfg, progress: bool = False) -> Federation:

@@ -202,7 +202,12 @@ def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = T
 
 def _train(cfg, run: Path, logger: RunLogger, resume: bool, progress: bool, stop_after) -> dict:
     t0 = time.time()
-    data = load_federation(cfg, progress=progress)
+    if cfg.data.verify:
+        from datasets.verify import verify_or_raise
+
+        data = verify_or_raise(cfg, progress=progress)
+    else:
+        data = load_federation(cfg, progress=progress)
     fed = Federation(cfg, data, logger)
     writer = fed.writer = BackgroundWriter()
     try:

@@ -39,8 +39,11 @@ def _make(name):
     block, layers = _SPECS[name]
 
     @register(name)
-    def factory(num_classes: int = 2, **_):
+    def factory(num_classes: int = 2, pretrained=None, **_):
         backbone = ResNetBackbone(block, layers)
+        if pretrained:  # ImageNet weights from torch hub's cache only; see networks.pretrained
+            from .pretrained import load_torchvision_weights
+            load_torchvision_weights(backbone, name, pretrained)
         out_ch = 512 * block.expansion
         low_ch = 64 * block.expansion
         return SegModel(backbone, DeepLabV3PlusHead(out_ch, low_ch, num_classes), min_size=32)

@@ -16,7 +16,9 @@ import torch
 
 from .io import atomic_torch_save
 
-IGNORED_PREFIXES = ("backbone.fc.",)  # the official models carry an unused classification layer
+# the official models carry an unused ImageNet classification layer: ``backbone.fc`` (ResNets),
+# ``backbone.last_linear`` (Xception); the project's models leave it out
+IGNORED_PREFIXES = ("backbone.fc.", "backbone.last_linear.")
 
 
 class CheckpointError(RuntimeError):

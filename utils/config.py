@@ -100,6 +100,9 @@ SCHEMA: Dict[str, Any] = {
         "shuffle": Key(False, bool, "Shuffle training loaders. The official code does not (faithful "
                        "default: false)."),
         "cache": Key(True, bool, "Keep resized images in memory (read each file once)."),
+        "verify": Key(True, bool, "Check every file of the run before training (`python -m "
+                      "datasets.verify`): corrupt images, missing or non-binary masks, size mismatches, "
+                      "split leakage...; all problems are reported at once and nothing runs."),
         "eval_drop_last": Key(True, bool, "During training, val/test loaders drop the last partial "
                               "batch, as the official code (test.py always scores every image)."),
         "public_noise": Key(0.1, float, "Std of the Gaussian noise (clamped to +-2 std) added to public "
@@ -175,7 +178,7 @@ def defaults(schema=SCHEMA) -> Config:
 
 
 def _unknown(key: str, valid: List[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    close = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(valid)}")
 
@@ -286,6 +289,8 @@ def load_config(path=None, overrides: Iterable[str] = (), extra: Optional[dict] 
 
         if cfg.method not in METHODS:
             errors.append(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+        else:
+            errors.extend(METHODS[cfg.method].check_config(cfg))
     if errors:
         src = f" in {path}" if path else ""
         raise ConfigError(f"{len(errors)} configuration problem(s){src}:\n  - " + "\n  - ".join(errors))

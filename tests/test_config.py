@@ -1,0 +1,93 @@
+"""Configuration: defaults, overrides, validation messages, shipped configs, README coverage."""
+from pathlib import Path
+
+import pytest
+
+from utils.config import SCHEMA, ConfigError, Key, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_follow_the_official_code():
+    cfg = load_config()
+    assert cfg.method == "hssf" and cfg.seed == 42
+    assert cfg.train.rounds == 200 and cfg.train.warmup_rounds == 20
+    assert cfg.train.condensation_epochs == 4 and cfg.train.fusion_epochs == 4
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.02 and cfg.train.lr_final_factor == 0.01
+    assert cfg.hssf.confide_theta == 4 and cfg.hssf.kl_theta == 10 and cfg.hssf.temperature == 2
+    assert cfg.hssf.rpg_threshold == 0.3 and cfg.hssf.sample_threshold == 0.75
+    assert cfg.data.size == 384 and cfg.data.batch_size == 4 and cfg.data.shuffle is False
+    assert cfg.models.server == "resnet101"
+    assert cfg.models.clients == ["resnet18", "resnet18", "resnet34", "resnet34"]
+
+
+def test_overrides_and_yaml_numbers(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1e-3\n  rounds: 5\n")  # YAML 1.1 reads 1e-3 as a string
+    cfg = load_config(p, ["train.rounds=7", "train.warmup_rounds=2", "hssf.rpg=false", "data.clients=[A, B]",
+                          "models.clients=[resnet18, resnet34]", "name=x"])
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.rounds == 7 and cfg.hssf.rpg is False
+    assert cfg.data.clients == ["A", "B"] and cfg.output.dir == "runs/x"
+    assert parse_override("a.b.c=3") == {"a": {"b": {"c": 3}}}
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  roundz: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "train.roundz" in msg and "Did you mean 'rounds'" in msg
+    assert "train.warmup_rounds" in msg  # the valid keys are listed
+    with pytest.raises(ConfigError, match="unknown key 'dat'.*Valid keys: name, method"):
+        load_config(None, ["dat.size=3"])
+
+
+def test_type_and_value_errors_are_all_reported():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.size=big", "train.amp=3", "data.batch_size=1", "device=gpu",
+                           "train.optimizer=lion", "data.train_val_test=[0.5, 0.1, 0.1]"])
+    msg = str(e.value)
+    for part in ["data.size: expected int, got str 'big'", "train.amp: expected bool",
+                 "data.batch_size: must be >= 2", "device: must be auto, cpu, cuda",
+                 "train.optimizer: 'lion' is not one of adamw, adam, sgd", "must sum to 1"]:
+        assert part in msg
+    assert msg.startswith("6 configuration problem(s)")
+
+
+def test_cross_checks():
+    with pytest.raises(ConfigError, match="models.clients has 2 entries but data.clients has 4"):
+        load_config(None, ["models.clients=[resnet18, resnet18]"])
+    with pytest.raises(ConfigError, match="warmup_rounds .* > train.rounds"):
+        load_config(None, ["train.rounds=3", "train.warmup_rounds=5"])
+    with pytest.raises(ConfigError, match="method: 'fedfoo' is not one of hssf, lssl, local"):
+        load_config(None, ["method=fedfoo"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert len(cfg.models.clients) == len(cfg.data.clients)
+
+
+def _keys(schema, prefix=""):
+    for k, v in schema.items():
+        if isinstance(v, Key):
+            yield prefix + k
+        else:
+            yield from _keys(v, prefix + k + ".")
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in _keys(SCHEMA) if f"`{k}`" not in readme]
+    assert not missing, f"README.md does not document: {missing}"

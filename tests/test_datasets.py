@@ -1,0 +1,157 @@
+"""Site scanning, split files, transforms and the synthetic generator."""
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from datasets.dataset import SeededSampler, SegDataset
+from datasets.federation import DataError, load_federation
+from datasets.sites import scan_site
+from datasets.splits import generate_split, load_split, official_split_name
+from datasets.synthetic import make_synthetic
+from utils.config import load_config
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+
+POLYP_SITES = ["CVC-ColonDB", "CVC-ClinicDB", "EndoTect-ETIS", "CVC-300", "Kvasir"]
+
+
+def test_official_split_name():
+    name = official_split_name("polyp", [1, 0.0, 0.0, 0.0, 0.0], POLYP_SITES)
+    assert name == "polyp-[1, 0.0, 0.0, 0.0, 0.0]-['CVC-ColonDB', 'CVC-ClinicDB', 'EndoTect-ETIS', 'CVC-300', 'Kvasir'].json"
+
+
+@needs_shared
+def test_reads_official_split_files():
+    polyp = load_split(SHARED / "splits" / "polyp_official_split.json", POLYP_SITES[0], POLYP_SITES[1:])
+    counts = {s: [len(polyp[s][k]) for k in ("labeled_train", "unlabeled_train", "val_list", "test_list")]
+              for s in POLYP_SITES[1:]}
+    assert counts == {"CVC-ClinicDB": [0, 489, 61, 62], "EndoTect-ETIS": [0, 316, 40, 40],
+                      "CVC-300": [0, 240, 30, 30], "Kvasir": [0, 800, 100, 100]}
+    assert len(polyp["CVC-ColonDB"]["labeled_train"]) == 380
+    isic = load_split(SHARED / "splits" / "isic_official_split.json", "public",
+                      ["domain1", "domain2", "domain3", "domain4"])
+    assert [len(isic[f"domain{i}"]["unlabeled_train"]) for i in range(1, 5)] == [160, 320, 640, 955]
+    assert len(isic["public"]["labeled_train"]) == 100
+
+
+def test_generate_split_uses_the_official_arithmetic():
+    stems = {"pub": [f"p{i}.png" for i in range(10)], "a": [f"a{i}.png" for i in range(612)],
+             "b": [f"b{i}.png" for i in range(100)]}
+    s = generate_split(stems, "pub", ["a", "b"], [0.0, 0.5], [0.8, 0.1, 0.1], seed=1)
+    assert [len(s["a"][k]) for k in ("labeled_train", "unlabeled_train", "val_list", "test_list")] == [0, 489, 61, 62]
+    assert [len(s["b"][k]) for k in ("labeled_train", "unlabeled_train", "val_list", "test_list")] == [40, 40, 10, 10]
+    assert sorted(sum(s["a"].values(), [])) == sorted(stems["a"])  # a partition
+    assert s == generate_split(stems, "pub", ["a", "b"], [0.0, 0.5], [0.8, 0.1, 0.1], seed=1)
+    assert s != generate_split(stems, "pub", ["a", "b"], [0.0, 0.5], [0.8, 0.1, 0.1], seed=2)
+
+
+def _write(path: Path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(arr).save(path)
+
+
+def test_pairs_by_stem_across_extensions(tmp_path):
+    img = np.full((8, 8, 3), 100, np.uint8)
+    _write(tmp_path / "polyp" / "Kv" / "image" / "x1.jpg", img)
+    _write(tmp_path / "polyp" / "Kv" / "mask" / "x1.png", np.zeros((8, 8), np.uint8))
+    _write(tmp_path / "polyp" / "Kv" / "image" / "x2.png", img)
+    _write(tmp_path / "polyp" / "Kv" / "image" / "x2.jpg", img)  # duplicate stem
+    site = scan_site(tmp_path, "polyp", "Kv")
+    assert site.pair("x1.png")[0].name == "x1.jpg" and site.pair("x1.png")[1].name == "x1.png"
+    assert site.pair("nope.png") is None
+    assert any("duplicate stem 'x2'" in p for p in site.problems)
+
+
+def test_seeded_sampler_is_a_function_of_seed_stream_epoch():
+    a, b = SeededSampler(6, 0, 1, shuffle=True), SeededSampler(6, 0, 1, shuffle=True)
+    ea, eb = list(a), list(b)
+    assert ea == eb and sorted(i for i, _ in ea) == list(range(6))
+    assert list(a) != ea  # next epoch: new order and seeds
+    c = SeededSampler(6, 0, 1, shuffle=True)
+    c.epoch = 1  # restored state
+    b_next = list(b)
+    assert list(c) == b_next
+    assert [i for i, _ in SeededSampler(4, 0, 2)] == [0, 1, 2, 3]  # no shuffle: official order
+    assert list(SeededSampler(4, 0, 2)) != list(SeededSampler(4, 0, 3))  # streams differ
+
+
+def _square_items(tmp_path, n=3, size=40):
+    items = []
+    for i in range(n):
+        m = np.zeros((size, size), np.uint8)
+        m[5 + i:20 + i, 8:30] = 255
+        _write(tmp_path / f"img{i}.png", np.stack([m] * 3, -1))
+        _write(tmp_path / f"m{i}.png", m)
+        items.append((tmp_path / f"img{i}.png", tmp_path / f"m{i}.png", f"s/img{i}.png"))
+    return items
+
+
+def test_labeled_augmentation_keeps_image_and_mask_aligned_and_repeats(tmp_path):
+    ds = SegDataset(_square_items(tmp_path), 40, "labeled")  # no resize: only the augmentation acts
+    for seed in range(8):
+        img, mask, _ = ds[(1, seed)]
+        assert img.shape == (3, 40, 40) and mask.shape == (1, 40, 40)
+        assert torch.equal((img[0] > 0).float(), mask[0])  # the image *is* its mask: same geometry
+        img2, mask2, _ = ds[(1, seed)]
+        assert torch.equal(img, img2) and torch.equal(mask, mask2)
+    assert not torch.equal(ds[(1, 0)][0], ds[(1, 1)][0])
+
+
+def test_unlabeled_views_share_the_geometric_draw(tmp_path):
+    ds = SegDataset(_square_items(tmp_path), 32, "unlabeled")
+    from datasets import transforms
+
+    for seed in range(5):
+        weak, strong, _ = ds[(0, seed)]
+        assert weak.shape == strong.shape == (3, 32, 32)
+        assert weak.min() >= -1 and weak.max() <= 1
+        # the strong view is RandAugment + cutout applied to this very weak view
+        w_u8 = ((weak.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        expect = transforms.to_tensor(transforms.randaugment(w_u8, np.random.default_rng(seed)))
+        assert torch.allclose(strong, expect, atol=1e-6)
+
+
+def test_eval_mode_is_plain_resize(tmp_path):
+    items = _square_items(tmp_path, 1, size=64)
+    img, mask, name = SegDataset(items, 32, "eval")[0]
+    assert name == "s/img0.png" and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(SegDataset(items, 32, "eval")[0][0], img)
+
+
+def test_synthetic_is_deterministic_and_binary(tmp_path):
+    a = make_synthetic(tmp_path / "a", "syn", {"P": 3, "S1": 2}, size=32, seed=3)
+    b = make_synthetic(tmp_path / "b", "syn", {"P": 3, "S1": 2}, size=32, seed=3)
+    for f in sorted(a.rglob("*.png")):
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
+    m = np.asarray(PIL.Image.open(a / "S1" / "mask" / "S1_0000.png"))
+    assert set(np.unique(m)) <= {0, 255} and m.max() == 255
+    c = make_synthetic(tmp_path / "c", "syn", {"P": 3, "S1": 2}, size=32, seed=4)
+    assert (a / "P/image/P_0000.png").read_bytes() != (c / "P/image/P_0000.png").read_bytes()
+    with pytest.raises(FileExistsError, match="other parameters"):
+        make_synthetic(tmp_path / "a", "syn", {"P": 4}, size=32, seed=3)
+
+
+def test_load_federation_generates_split_and_reports_problems(tmp_path):
+    over = [f"data.root={tmp_path}", "data.dataset=syn", "data.public=P", "data.clients=[A, B]",
+            "models.clients=[resnet18, resnet18]", "data.synthetic={public: 4, per_client: 10}", "data.size=32"]
+    fed = load_federation(load_config(None, over))
+    assert fed.split_path.name == "syn-[1, 0.0, 0.0]-['P', 'A', 'B'].json" and fed.split_path.exists()
+    assert len(fed.public) == 4 and [len(fed.clients[0][k]) for k in
+                                     ("labeled_train", "unlabeled_train", "val_list", "test_list")] == [0, 8, 1, 1]
+    # a split naming a file that does not exist, and an empty test list: all reported at once
+    split = json.loads(fed.split_path.read_text())
+    split["A"]["val_list"].append("ghost.png")
+    split["B"]["test_list"] = []
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(split))
+    with pytest.raises(DataError) as e:
+        load_federation(load_config(None, over + [f"data.split={bad}"]))
+    msg = str(e.value)
+    assert "lists 'ghost.png'" in msg and "client 'B' has an empty test_list" in msg
+    with pytest.raises(DataError, match="site folder.*not found.*Nope"):
+        load_federation(load_config(None, over + ["data.clients=[A, Nope]", "data.synthetic=null"]))

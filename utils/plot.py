@@ -1,0 +1,103 @@
+"""Figures of a run: ``python -m utils.plot RUN_DIR [--out fig] [--name NAME]``.
+
+Writes ``<out>/<name>_curves.png`` (val Dice per client per round, the warm-up shaded, and the loss
+terms per party) and ``<out>/<name>_predictions.png`` (test overlays written by the test protocol:
+prediction filled red, ground-truth contour green).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from utils.logger import read_metrics  # noqa: E402
+
+
+def plot_curves(records, out: Path, title: str) -> Path:
+    rounds = [r["round"] for r in records]
+    warm = [r["round"] for r in records if r.get("warmup")]
+    parties = sorted({p for r in records for p in r["loss"]}, key=lambda p: (p != "server", p))
+    groups = [g for g in records[-1]["val"]]
+    ncols = 1 + len(parties)
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), squeeze=False)
+    ax = axes[0, 0]
+    for g in groups:
+        ys = [r["val"].get(g, {}).get("dice", np.nan) for r in records]
+        ax.plot(rounds, ys, marker="o", ms=3, lw=2.2 if g == "all" else 1.2, label=g,
+                color="k" if g == "all" else None)
+    ax.set_title("validation Dice")
+    ax.set_xlabel("round")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    for a in axes[0]:
+        if warm:
+            a.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="0.9", zorder=0)
+    for ax, party in zip(axes[0, 1:], parties):
+        terms = sorted({t for r in records for t in r["loss"].get(party, {})
+                        if not t.endswith(("_kept", "_taken"))})
+        for t in terms:
+            ax.plot(rounds, [r["loss"].get(party, {}).get(t, np.nan) for r in records], label=t, lw=1.2)
+        ax.set_title(f"{party} losses")
+        ax.set_xlabel("round")
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{title}  (grey: warm-up rounds)", fontsize=10)
+    fig.tight_layout()
+    path = out / f"{title}_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_predictions(run_dir: Path, out: Path, title: str, per_client: int = 4) -> Path | None:
+    import cv2
+
+    files = sorted((run_dir / "test" / "overlays").glob("*.png"))
+    if not files:
+        return None
+    by_group = {}
+    for f in files:
+        by_group.setdefault(f.name.split("__")[0], []).append(f)
+    groups = sorted(by_group)
+    fig, axes = plt.subplots(len(groups), per_client, figsize=(2.2 * per_client, 2.3 * len(groups)), squeeze=False)
+    for i, g in enumerate(groups):
+        for j in range(per_client):
+            ax = axes[i, j]
+            ax.axis("off")
+            if j < len(by_group[g]):
+                ax.imshow(cv2.cvtColor(cv2.imread(str(by_group[g][j])), cv2.COLOR_BGR2RGB))
+            if j == 0:
+                ax.set_title(g, fontsize=8, loc="left")
+    fig.suptitle(f"{title}: test predictions (red) and ground truth (green)", fontsize=9)
+    fig.tight_layout()
+    path = out / f"{title}_predictions.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Plot a run's curves and test predictions.")
+    ap.add_argument("run_dir")
+    ap.add_argument("--out", default="fig")
+    ap.add_argument("--name", help="file name prefix (default: the run folder's name)")
+    a = ap.parse_args(argv)
+    run = Path(a.run_dir)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = a.name or run.name
+    records = read_metrics(run)
+    if not records:
+        raise SystemExit(f"error: {run}/metrics.jsonl has no rounds yet")
+    for p in (plot_curves(records, out, name), plot_predictions(run, out, name)):
+        if p:
+            print(p)
+
+
+if __name__ == "__main__":
+    main()
