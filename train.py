@@ -37,6 +37,9 @@ def main(argv=None):
     except (ConfigError, DataError, RunDirError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if "test" in results:
         print(f"\nfinished in {results['wall_time_s']:.0f} s; results in {cfg.output.dir}/results.json")
         for k, site in enumerate(cfg.data.clients):

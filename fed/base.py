@@ -35,12 +35,17 @@ class LossLog:
     def means(self) -> Dict[str, Dict[str, float]]:
         return {p: {k: float(s) / self._n[p][k] for k, s in terms.items()} for p, terms in self._sum.items()}
 
-    def check_finite(self, round_: int) -> None:
-        """Raise ``FloatingPointError`` naming the round, party and term of a non-finite loss."""
+    def non_finite(self):
+        """``(party, term)`` of the first loss term whose sum is NaN or infinite, else None."""
         for p, terms in self._sum.items():
             for k, s in terms.items():
                 if not torch.isfinite(torch.as_tensor(s)).all():
-                    raise FloatingPointError(f"non-finite loss in round {round_}: party {p}, term {k!r}")
+                    return p, k
+        return None
+
+    def drop(self, party: str) -> None:
+        self._sum.pop(party, None)
+        self._n.pop(party, None)
 
 
 def one_hot(labels: torch.Tensor, num_classes: int = 2) -> torch.Tensor:

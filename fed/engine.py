@@ -27,7 +27,7 @@ from datasets.dataset import SeededSampler, SegDataset, collate_names
 from datasets.federation import load_federation
 from utils.checkpoint import client_ckpt_name, global_ckpt_name, safe_load, save_weights
 from utils.device import Amp, resolve_device, rng_state, seed_everything, set_rng_state
-from utils.io import BackgroundWriter, atomic_write_text
+from utils.io import BackgroundWriter, atomic_write_text, snapshot
 from utils.logger import RunLogger
 from utils.metrics import NAMES, ScoreBook
 
@@ -105,11 +105,36 @@ class Federation:
     def active_clients(self) -> List[Client]:
         return [c for c in self.clients if c.name not in self.skipped]
 
-    def run_client(self, client: Client, work) -> None:
-        """Run one client's share of a phase (fault handling hooks in here)."""
+    def begin_round(self) -> None:
+        """Fresh loss log; with ``skip_client``, remember every client's state to roll back to."""
+        self.log, self.skipped = LossLog(), {}
+        self._round_start = ({c.name: snapshot(c.state_dict()) for c in self.clients}
+                             if self.cfg.train.fault_tolerance == "skip_client" else {})
+
+    def run_client(self, client: Client, work):
+        """Run one client's share of a phase; returns ``work()``'s value (None if the client is skipped).
+
+        With ``train.fault_tolerance: skip_client`` an exception is logged with its traceback, the client
+        is rolled back to the start of the round and sits the rest of the round out.
+        """
         if client.name in self.skipped:
-            return
-        work()
+            return None
+        if self.cfg.train.fault_tolerance != "skip_client":
+            return work()
+        try:
+            return work()
+        except Exception as e:  # noqa: BLE001 - any failure of one client's work
+            self.skip(client, e)
+            return None
+
+    def skip(self, client: Client, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        self.skipped[client.name] = reason
+        if self.logger is not None:
+            self.logger.log.error(f"{client.name} ({client.site}) fails and sits this round out: {reason}",
+                                  exc_info=error)
+        client.load_state_dict(self._round_start[client.name])
+        self.log.drop(client.name)
 
     # --- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -163,7 +188,7 @@ def evaluate_split(fed: Federation, split: str, which: Optional[List[int]] = Non
         if which is not None and c.index not in which:
             continue
         loader = getattr(c, split)
-        score_model(fed.method.eval_model(c.index), loader, fed.amp, book, c.name)
+        fed.run_client(c, lambda c=c: score_model(fed.method.eval_model(c.index), loader, fed.amp, book, c.name))
     out = {g: summarize(book, g) for g in book.groups()}
     if which is None:
         out["all"] = summarize(book)
@@ -223,11 +248,17 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, fed, data, t0) -> di
     best = {"clients": [{"dice": -1.0, "round": -1} for _ in range(K)], "all": {"dice": -1.0, "round": -1}}
     start = 0
     if resume:
-        state = safe_load(run / STATE_FILE, "training state")
-        fed.load_state_dict(state["federation"])
-        best, start = state["best"], state["round"] + 1
+        for tmp in run.rglob(".*.tmp"):  # a write cut short by the interruption
+            tmp.unlink()
+        if (run / STATE_FILE).exists():
+            state = safe_load(run / STATE_FILE, "training state")
+            fed.load_state_dict(state["federation"])
+            best, start = state["best"], state["round"] + 1
+            _warn_config_changes(logger, state.get("config", {}), cfg)
+            logger.info(f"resumed {run} after round {start - 1}")
+        else:
+            logger.info(f"{run}: no completed round to resume from; starting at round 0")
         _truncate_metrics(logger.metrics_path, start)
-        logger.info(f"resumed {run} after round {start - 1}")
     else:
         logger.info(f"run {cfg.name}: method {cfg.method}, server {cfg.models.server}, clients "
                     f"{', '.join(f'{c.site}:{c.arch}' for c in fed.clients)}; device {fed.device}"
@@ -236,15 +267,18 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, fed, data, t0) -> di
             f"{s}: {'/'.join(str(len(v)) for v in items.values())}"
             for s, items in zip(cfg.data.clients, data.clients)) + " (labeled/unlabeled/val/test)")
     R = cfg.train.rounds
+    if start >= R and (run / "results.json").exists():
+        logger.info(f"{run} has completed all {R} rounds; nothing to resume (raise train.rounds to go on)")
+        return json.loads((run / "results.json").read_text())
     bar = tqdm(range(start, R), desc="rounds", initial=start, total=R, disable=not progress or None,
                dynamic_ncols=True)
     done_now = 0
     for rnd in bar:
         tr = time.time()
-        fed.log, fed.skipped = LossLog(), {}
+        fed.begin_round()
         fed.method.round(rnd)
+        _check_finite(fed, rnd, run, start)
         losses = fed.log.means()
-        fed.log.check_finite(rnd)
         val = evaluate_split(fed, "val")
         record = {"round": rnd, "warmup": rnd < cfg.train.warmup_rounds,
                   "lr": {"server": fed.server.lr, **{c.name: c.lr for c in fed.clients}},
@@ -292,7 +326,7 @@ def _select_best(fed: Federation, rnd: int, val: dict, best: dict, ck: Path, rec
             record["test_at_best"] = test
         return
     for c in fed.clients:
-        if c.name in fed.skipped:
+        if c.name in fed.skipped or c.name not in val:
             continue
         if val[c.name]["dice"] > best["clients"][c.index]["dice"]:
             test = evaluate_split(fed, "test", which=[c.index])[c.name]
@@ -315,6 +349,34 @@ def _round_line(rec: dict, fed: Federation) -> str:
     if rec.get("skipped"):
         parts.append("skipped: " + ",".join(rec["skipped"]))
     return " | ".join(parts)
+
+
+def _check_finite(fed: Federation, rnd: int, run: Path, start: int) -> None:
+    bad = fed.log.non_finite()
+    if not bad:
+        return
+    party, term = bad
+    who = party if party == "server" else f"{party} ({fed.clients[int(party[6:])].site})"
+    kept = (f"the state after round {rnd - 1} is kept in {run / STATE_FILE}; fix the cause and continue with "
+            f"`python train.py --resume {run}`") if rnd > 0 else "no round was completed"
+    raise FloatingPointError(f"non-finite loss in round {rnd}: {who}, loss term {term!r}. "
+                             f"The run stops without saving this round; {kept}.")
+
+
+def _warn_config_changes(logger: RunLogger, old: dict, cfg) -> None:
+    new = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}
+    diffs = []
+
+    def walk(a, b, prefix=""):
+        for k in sorted(set(a) | set(b)):
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                walk(a[k], b[k], f"{prefix}{k}.")
+            elif a.get(k) != b.get(k):
+                diffs.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
+
+    walk(old, new)
+    if diffs:
+        logger.warning("resuming with a changed configuration: " + "; ".join(diffs))
 
 
 def _truncate_metrics(path: Path, start: int) -> None:

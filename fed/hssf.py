@@ -23,6 +23,11 @@ from .base import Method, one_hot, pixel_accuracy, rpg_correct
 from .local_ssl import supervised_pass, unlabeled_pass
 
 
+def _predict(party, x):
+    party.model.eval()
+    return party.forward(x)["mask"]
+
+
 class HSSF(Method):
     name = "hssf"
 
@@ -65,8 +70,9 @@ class HSSF(Method):
                 picked, grade = p_g.detach(), g0.clone()
                 with torch.no_grad():
                     for c in fed.active_clients():
-                        c.model.eval()
-                        p_k = c.forward(x)["mask"]
+                        p_k = fed.run_client(c, lambda c=c: _predict(c, x))
+                        if p_k is None:  # the client failed and sits the round out
+                            continue
                         s_k = pixel_accuracy(p_k.argmax(1), y)
                         better = s_k > grade
                         picked = torch.where(better[:, None, None, None], p_k, picked)

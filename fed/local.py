@@ -1,8 +1,9 @@
 """Local: no collaboration (the official ``local`` baseline).
 
 Every client trains alone with the local step of :mod:`fed.local_ssl`, using the public labeled set
-as labeled data (plus its own labeled files, if any) and its unlabeled data from round 0 (no warm-up).
-The server model is not trained.
+as labeled data and its unlabeled data from round 0 (no warm-up). As in the official code, a client's
+own labeled files (``labeled_ratio > 0``) are not used by this baseline (nor by ``lssl``). The server
+model is not trained.
 """
 from __future__ import annotations
 
@@ -23,7 +24,5 @@ class Local(Method):
 
     def local(self, client) -> None:
         supervised_pass(client, self.fed.server.public, self.fed)
-        if client.labeled is not None:
-            supervised_pass(client, client.labeled, self.fed, tag="own")
         if client.unlabeled is not None:
             unlabeled_pass(client, client.unlabeled, self.fed)

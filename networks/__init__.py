@@ -12,3 +12,4 @@ from . import xception, mobilenetv2, vgg  # noqa: F401,E402  (the other official
 from . import pvt  # noqa: F401,E402  (PVTv2-b2 through timm)
 from . import unet  # noqa: F401,E402  (plain U-Net)
 from . import smp  # noqa: F401,E402  (smp:<Decoder>/<encoder>)
+from . import tiny  # noqa: F401,E402  (small DeepLabV3+ for tests and smoke runs)

@@ -48,22 +48,26 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3PlusHead(SelfAssessmentHead):
-    """ASPP on ``out`` + 48-channel projection of ``low_level`` -> 256-d ``feat`` at stride 4."""
+    """ASPP on ``out`` + 48-channel projection of ``low_level`` -> 256-d ``feat`` at stride 4.
+
+    ``width``/``low_width`` (256/48, the official head) are only narrowed by the ``tiny`` test model.
+    """
 
     def __init__(self, in_ch: int, low_ch: int, num_classes: int = 2,
-                 rates: Sequence[int] = (12, 24, 36)):
+                 rates: Sequence[int] = (12, 24, 36), width: int = 256, low_width: int = 48):
         super().__init__()
-        self.project = _conv_bn_relu(low_ch, 48)
-        self.aspp = ASPP(in_ch, rates)
+        w = width
+        self.project = _conv_bn_relu(low_ch, low_width)
+        self.aspp = ASPP(in_ch, rates, w)
         self.last_conv1 = nn.Sequential(
-            *_conv_bn_relu(304, 256, 3), nn.Dropout(0.5),
-            *_conv_bn_relu(256, 256, 3), nn.Dropout(0.1),
-            nn.Conv2d(256, 256, 1),
+            *_conv_bn_relu(w + low_width, w, 3), nn.Dropout(0.5),
+            *_conv_bn_relu(w, w, 3), nn.Dropout(0.1),
+            nn.Conv2d(w, w, 1),
         )
-        self._build_sa(256, num_classes)
+        self._build_sa(w, num_classes, width=w)
         self.classifier = nn.Sequential(
-            nn.Conv2d(256, 256, 1), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
-            nn.Conv2d(256, num_classes, 1),
+            nn.Conv2d(w, w, 1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+            nn.Conv2d(w, num_classes, 1),
         )
         init_head_(self)
 

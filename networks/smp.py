@@ -8,7 +8,9 @@ with its own head). Every smp default is kept (decoder widths, encoder depth, ou
 
 Wrapping: the smp model is built with ``classes=num_classes`` and split in two.
 
-* backbone = the smp encoder (``backbone.encoder.*``); it returns its feature list as a dict
+* backbone = the smp encoder (``backbone.encoder.*``) without the modules its forward never runs
+  (:func:`prune_unused`: EfficientNet's classification conv, a ResNet's deeper stages under PSPNet's
+  depth-3 encoder, ...); it returns its feature list as a dict
   ``f0..fN`` so that ``need_fp`` perturbs every encoder feature. smp's ``f0`` is the input image itself,
   which no smp decoder reads (Unet and Segformer only read its spatial size): it is replaced by a
   zero-channel tensor of the input's size, so it carries the size but nothing to perturb.
@@ -125,6 +127,53 @@ class SMPHead(SelfAssessmentHead):
         return head_output(self, self.decoder(list(feats.values())))
 
 
+def prune_unused(encoder: nn.Module, size: int = 64) -> List[str]:
+    """Replace the encoder's sub-modules that its forward never calls by ``nn.Identity``.
+
+    smp keeps layers it does not use: the classification head of some encoders (EfficientNet's
+    ``_conv_head``/``_bn1``) and, for decoders with a shallower encoder (PSPNet: depth 3), the deeper
+    stages (``layer3``, ``layer4`` of a ResNet). They get no gradient, inflate the parameter count and
+    the checkpoints, so they are dropped. Found by one forward pass of a ``size`` x ``size`` zero image
+    in eval mode with hooks; a second pass checks the pruned encoder still runs (else nothing is
+    pruned). Returns the dropped module names.
+    """
+    used = set()
+    handles = [m.register_forward_hook(lambda mod, _i, _o: used.add(id(mod))) for m in encoder.modules()]
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            encoder(torch.zeros(1, 3, size, size, device=device))
+        removed = []
+
+        def walk(module: nn.Module, prefix: str) -> None:
+            for name, child in list(module.named_children()):
+                if any(id(m) in used for m in child.modules()):  # containers (ModuleList) run no hook
+                    walk(child, f"{prefix}{name}.")
+                elif any(True for _ in child.parameters()):
+                    removed.append((module, name, child, prefix + name))
+                    setattr(module, name, nn.Identity())
+
+        walk(encoder, "")
+        for h in handles:
+            h.remove()
+        handles = []
+        if removed:
+            try:
+                with torch.no_grad():
+                    encoder(torch.zeros(1, 3, size, size, device=device))
+            except Exception:  # the encoder reaches into an "unused" module: keep everything
+                for module, name, child, _ in removed:
+                    setattr(module, name, child)
+                removed = []
+    finally:
+        for h in handles:
+            h.remove()
+        encoder.train(was_training)
+    return [r[3] for r in removed]
+
+
 def build_smp(spec: str, num_classes: int = 2, pretrained=None, **kwargs) -> SegModel:
     from .pretrained import check_source, load_smp_encoder_weights, timm_pretrained_overlay
 
@@ -142,6 +191,8 @@ def build_smp(spec: str, num_classes: int = 2, pretrained=None, **kwargs) -> Seg
     if source and not enc.startswith("tu-"):
         load_smp_encoder_weights(model.encoder, enc, source)
 
+    dropped = prune_unused(model.encoder)
+
     conv, up = model.segmentation_head[0], model.segmentation_head[1]
     stride = int(up.scale_factor) if isinstance(up, nn.Upsample) else 1
     head = SMPHead(model.decoder, conv.in_channels, stride, num_classes)
@@ -149,7 +200,9 @@ def build_smp(spec: str, num_classes: int = 2, pretrained=None, **kwargs) -> Seg
     divisor = out_stride if model.requires_divisible_input_shape else 1
     # PAN's feature-pyramid attention max-pools its stride-`out_stride` input 3 times more
     min_size = 8 * out_stride if dec == "PAN" else max(32, divisor)
-    return SegModel(SMPEncoder(model.encoder), head, min_size=min_size, size_divisor=divisor)
+    segmodel = SegModel(SMPEncoder(model.encoder), head, min_size=min_size, size_divisor=divisor)
+    segmodel.backbone.dropped = dropped  # names of the unused encoder modules left out
+    return segmodel
 
 
 register_prefix("smp:", build_smp, EXAMPLES)

@@ -89,8 +89,8 @@ def test_feature_perturbation(arch, model):
     assert clean.shape == perturbed.shape == (2, 2, s, s)
     assert out["confidence"].shape == (4, 1, s, s)
     # in eval mode the clean half is the plain forward; the perturbed half differs
-    torch.testing.assert_close(clean, plain["mask"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out["confidence"][:2], plain["confidence"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(clean, plain["mask"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(out["confidence"][:2], plain["confidence"], rtol=1e-3, atol=1e-4)
     assert not torch.allclose(clean, perturbed)
     # every feature map the decoder uses is doubled
     feats = model.backbone(x)

@@ -22,8 +22,8 @@ def tiny(tmp_path, *extra, name="run"):
         f"data.root={tmp_path / 'data'}", "data.dataset=syn", "data.public=P", "data.clients=[A, B]",
         "data.synthetic={public: 8, per_client: 12, seed: 1}", "data.train_val_test=[0.5, 0.25, 0.25]",
         "data.size=32", "data.batch_size=2", "data.num_workers=0",
-        "models.server=resnet18", "models.clients=[resnet18, resnet18]",
-        "train.rounds=2", "train.warmup_rounds=1", "train.condensation_epochs=1", "train.fusion_epochs=1",
+        "models.server=tiny", "models.clients=[tiny, tiny]",
+        "train.rounds=2", "train.warmup_rounds=1", "train.condensation_epochs=2", "train.fusion_epochs=2",
         *extra,
     ]
 
@@ -52,10 +52,10 @@ def test_hssf_run_outputs(hssf_run):
     # the server's LR follows the cosine schedule (stepped after each condensation pass)
     assert recs[1]["lr"]["server"] < recs[0]["lr"]["server"]
     ck = run / "checkpoints"
-    for f in ["resnet18_0_best.pth", "resnet18_1_best.pth", "resnet18_0_last.pth", "global_resnet18_best.pth",
-              "global_resnet18_last.pth"]:
+    for f in ["tiny_0_best.pth", "tiny_1_best.pth", "tiny_0_last.pth", "global_tiny_best.pth",
+              "global_tiny_last.pth"]:
         sd = _load(ck / f)
-        assert "classifier.confidence_4.3.weight" in sd and "backbone.layer1.0.conv1.weight" in sd
+        assert "classifier.confidence_4.3.weight" in sd and "backbone.stem.0.0.weight" in sd
     results = json.loads((run / "results.json").read_text())
     assert results["test"]["all"]["images"] == 6 and set(results["test"]) == {"client0", "client1", "all"}
     assert (run / "test" / "summary.json").exists() and (run / "test" / "per_image.csv").exists()
@@ -70,7 +70,7 @@ def test_cpu_runs_repeat_exactly(hssf_run, tmp_path):
     res2 = train(cfg2, progress=False)
     assert res2["best"] == res["best"] and res2["test"] == res["test"]
     a, b = Path(cfg.output.dir) / "checkpoints", Path(cfg2.output.dir) / "checkpoints"
-    for f in ["resnet18_0_last.pth", "global_resnet18_last.pth"]:
+    for f in ["tiny_0_last.pth", "global_tiny_last.pth"]:
         sa, sb = _load(a / f), _load(b / f)
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -89,7 +89,7 @@ def test_test_py_scores_the_checkpoints(hssf_run, tmp_path):
     assert summary["summary"]["all"]["dice"]["mean"] == pytest.approx(res["test"]["all"]["dice"]["mean"])
     p = subprocess.run([sys.executable, "test.py", "--config", str(cfg_file), "--checkpoints", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 2 and "resnet18_0_best.pth" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "tiny_0_best.pth" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_run_dir_is_never_overwritten_silently(hssf_run):
@@ -102,12 +102,12 @@ def test_lssl_averages_into_one_global_model(tmp_path):
     cfg = load_config(None, tiny(tmp_path, "method=lssl", "train.rounds=1", "train.warmup_rounds=0"))
     res = train(cfg, progress=False)
     ck = Path(cfg.output.dir) / "checkpoints"
-    assert (ck / "global_resnet18_best.pth").exists()
+    assert (ck / "global_tiny_best.pth").exists()
     rec = read_metrics(cfg.output.dir)[0]
     assert rec["improved"] == ["all"] and "sup_seg" in rec["loss"]["client0"] and "unl_weak" in rec["loss"]["client1"]
     assert res["test"]["all"]["images"] == 6
     with pytest.raises(ConfigError, match="lssl averages weights"):
-        load_config(None, tiny(tmp_path, "method=lssl", "models.clients=[resnet18, resnet34]"))
+        load_config(None, tiny(tmp_path, "method=lssl", "models.clients=[tiny, resnet18]"))
 
 
 def test_local_trains_without_collaboration(tmp_path):

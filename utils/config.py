@@ -136,6 +136,11 @@ SCHEMA: Dict[str, Any] = {
         "amp": Key(True, bool, "Mixed precision on CUDA (bf16 where supported, else fp16 with loss "
                    "scaling); ignored on CPU."),
         "channels_last": Key(True, bool, "channels_last memory format on CUDA; ignored on CPU."),
+        "fault_tolerance": Key("stop", str, "`stop`: an exception stops the run (the state of the last "
+                               "completed round is kept). `skip_client`: an exception inside one client's "
+                               "work is logged with its traceback, that client sits the round out (its "
+                               "model and optimizer go back to the round's start) and the round completes.",
+                               choices=["stop", "skip_client"]),
     },
     "hssf": {
         "confide_theta": Key(4.0, float, "Weight of the Self-Assessment loss.", check=_nonneg),
