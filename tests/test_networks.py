@@ -14,6 +14,15 @@ from utils.checkpoint import load_weights, save_weights
 from utils.losses import confidence_loss, structure_loss
 
 ARCHS = networks.available()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a busy 2-core machine OpenMP's 2 threads run tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 CANDIDATE_SIZES = [32, 48, 33, 64, 80, 128, 144]
 
 
@@ -89,8 +98,10 @@ def test_feature_perturbation(arch, model):
     assert clean.shape == perturbed.shape == (2, 2, s, s)
     assert out["confidence"].shape == (4, 1, s, s)
     # in eval mode the clean half is the plain forward; the perturbed half differs
-    torch.testing.assert_close(clean, plain["mask"], rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(out["confidence"][:2], plain["confidence"], rtol=1e-3, atol=1e-4)
+    # (tolerance relative to the largest value: untrained deep nets in eval mode reach 1e13)
+    for got, want in ((clean, plain["mask"]), (out["confidence"][:2], plain["confidence"])):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * scale)
     assert not torch.allclose(clean, perturbed)
     # every feature map the decoder uses is doubled
     feats = model.backbone(x)

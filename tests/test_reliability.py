@@ -14,21 +14,14 @@ import yaml
 import networks
 from fed.engine import train
 from utils.config import load_config
+from conftest import ROOT, tiny_overrides
 from utils.logger import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
 def tiny_cfg(tmp_path, name, *extra):
-    return load_config(None, [
-        f"name={name}", f"output.dir={tmp_path / name}", "seed=5", "device=cpu",
-        f"data.root={tmp_path / 'data'}", "data.dataset=syn", "data.public=P", "data.clients=[A, B]",
-        "data.synthetic={public: 8, per_client: 12, seed: 2}", "data.train_val_test=[0.5, 0.25, 0.25]",
-        "data.size=32", "data.batch_size=2", "data.num_workers=0",
-        "models.server=tiny", "models.clients=[tiny, tiny]",
-        "train.rounds=3", "train.warmup_rounds=1", "train.condensation_epochs=2", "train.fusion_epochs=2",
-        *extra])
+    return load_config(None, tiny_overrides(tmp_path, name, *extra, rounds=3))
 
 
 def _records(run):

@@ -9,23 +9,15 @@ import torch
 
 from fed.engine import RunDirError, train
 from utils.config import ConfigError, load_config
+from conftest import ROOT, tiny_overrides
 from utils.logger import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
 def tiny(tmp_path, *extra, name="run"):
     """A 2-client federation of 32-px synthetic images; 2 rounds (1 warm-up)."""
-    return [
-        f"name={name}", f"output.dir={tmp_path / name}", "seed=3", "device=cpu",
-        f"data.root={tmp_path / 'data'}", "data.dataset=syn", "data.public=P", "data.clients=[A, B]",
-        "data.synthetic={public: 8, per_client: 12, seed: 1}", "data.train_val_test=[0.5, 0.25, 0.25]",
-        "data.size=32", "data.batch_size=2", "data.num_workers=0",
-        "models.server=tiny", "models.clients=[tiny, tiny]",
-        "train.rounds=2", "train.warmup_rounds=1", "train.condensation_epochs=2", "train.fusion_epochs=2",
-        *extra,
-    ]
+    return tiny_overrides(tmp_path, name, *extra)
 
 
 def _load(path):
