@@ -195,7 +195,9 @@ def evaluate_split(fed: Federation, split: str, which: Optional[List[int]] = Non
     return out
 
 
-def prepare_run_dir(cfg, overwrite: bool = False) -> Path:
+def prepare_run_dir(cfg, overwrite: bool = False, dry_run: bool = False) -> Path:
+    """Create ``output.dir`` with the resolved ``config.yaml``; an occupied folder is an error unless
+    ``overwrite`` (then it is deleted). ``dry_run``: only check."""
     run = Path(cfg.output.dir)
     if run.exists() and any(run.iterdir()):
         if not overwrite:
@@ -204,7 +206,11 @@ def prepare_run_dir(cfg, overwrite: bool = False) -> Path:
                 f"{run} already holds a{'n' if status == 'unfinished' else ''} {status} run. "
                 f"Continue it with `python train.py --resume {run}`, choose another output.dir "
                 f"(e.g. --set output.dir=runs/other), or pass --overwrite to delete it.")
+        if dry_run:
+            return run
         shutil.rmtree(run)
+    if dry_run:
+        return run
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "config.yaml", yaml.safe_dump(
         {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}, sort_keys=False))
@@ -217,22 +223,25 @@ def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = T
 
     ``stop_after``: stop after that many rounds of this call (tests, benchmarks).
     """
-    run = Path(cfg.output.dir) if resume else prepare_run_dir(cfg, overwrite)
-    logger = RunLogger(run, console=progress)
-    try:
-        return _train(cfg, run, logger, resume, progress, stop_after)
-    finally:
-        logger.close()
-
-
-def _train(cfg, run: Path, logger: RunLogger, resume: bool, progress: bool, stop_after) -> dict:
     t0 = time.time()
+    if not resume and not overwrite:
+        prepare_run_dir(cfg, dry_run=True)  # refuse an occupied run directory before any work
+    # bad data is reported before a run directory is created
     if cfg.data.verify:
         from datasets.verify import verify_or_raise
 
         data = verify_or_raise(cfg, progress=progress)
     else:
         data = load_federation(cfg, progress=progress)
+    run = Path(cfg.output.dir) if resume else prepare_run_dir(cfg, overwrite)
+    logger = RunLogger(run, console=progress)
+    try:
+        return _train(cfg, run, logger, resume, progress, stop_after, data, t0)
+    finally:
+        logger.close()
+
+
+def _train(cfg, run: Path, logger: RunLogger, resume: bool, progress: bool, stop_after, data, t0) -> dict:
     fed = Federation(cfg, data, logger)
     writer = fed.writer = BackgroundWriter()
     try:

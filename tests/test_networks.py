@@ -3,6 +3,7 @@
 Parametrised over ``networks.available()`` with ``scope="module"``: pytest runs all tests of one
 architecture back to back, and the ``model`` fixture builds it once (small inputs, batch 2).
 """
+import copy
 import warnings
 
 import pytest
@@ -73,16 +74,15 @@ def test_forward_shapes(arch, model):
     model.eval()
     sizes = _sizes(model)
     assert sizes, f"{arch} accepts none of {CANDIDATE_SIZES}"
+    shapes = [(2, s, s) for s in sizes[:2]]
+    if len(sizes) > 2:
+        shapes.append((1, sizes[1], sizes[2]))  # non-square, one side maybe odd
     with torch.no_grad():
-        for s in sizes:
-            out = model(torch.randn(2, 3, s, s))
+        for b, h, w in shapes:
+            out = model(torch.randn(b, 3, h, w))
             assert set(out) == {"mask", "confidence"}
-            assert out["mask"].shape == (2, 2, s, s)
-            assert out["confidence"].shape == (2, 1, s, s)
-        # non-square input
-        h, w = sizes[0], sizes[min(1, len(sizes) - 1)]
-        out = model(torch.randn(1, 3, h, w))
-        assert out["mask"].shape == (1, 2, h, w) and out["confidence"].shape == (1, 1, h, w)
+            assert out["mask"].shape == (b, 2, h, w)
+            assert out["confidence"].shape == (b, 1, h, w)
 
 
 @pytest.mark.parametrize("arch", ARCHS, scope="module")
@@ -141,7 +141,7 @@ def test_training_step_lowers_loss(arch, model):
     first = loss_fn()
     assert torch.isfinite(first)
     losses, loss = [], first
-    for _ in range(3):
+    while len(losses) < 3 and (not losses or losses[-1] >= first.item()):  # 1 step, up to 3
         opt.zero_grad()
         loss.backward()
         no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -149,23 +149,26 @@ def test_training_step_lowers_loss(arch, model):
         opt.step()
         loss = loss_fn()
         losses.append(loss.item())
-    assert min(losses) < first.item(), f"{arch}: {first.item():.4f} -> {losses}"
+    assert losses[-1] < first.item(), f"{arch}: {first.item():.4f} -> {losses}"
 
 
 @pytest.mark.parametrize("arch", ARCHS, scope="module")
 def test_save_load_roundtrip(arch, model, tmp_path):
+    """save_weights -> load_weights into a copy with scrambled weights gives identical eval outputs."""
     model.eval()
     path = save_weights(model, tmp_path / f"{arch.replace(':', '_').replace('/', '_')}_0_best.pth")
-    torch.manual_seed(123)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fresh = networks.build_model(arch, num_classes=2)
-    load_weights(fresh, path, arch)
-    fresh.eval()
-    x = torch.randn(1, 3, _sizes(model)[0], _sizes(model)[0])
+    other = copy.deepcopy(model)
     with torch.no_grad():
-        a, b = model(x), fresh(x)
+        for t in other.state_dict().values():
+            t.copy_(torch.rand_like(t.float()).to(t.dtype) + 0.5 if t.is_floating_point() else t + 1)
+    load_weights(other, path, arch)
+    s = _sizes(model)[0]
+    x = torch.randn(1, 3, s, s)
+    with torch.no_grad():
+        a, b = model(x), other(x)
     assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["confidence"], b["confidence"])
+    saved = torch.load(path, weights_only=True)
+    assert saved.keys() == model.state_dict().keys()
 
 
 # ---------------------------------------------------------------- names and errors
@@ -269,3 +272,20 @@ def test_imagenet_weights_timm_missing_names_the_repo(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(PretrainedWeightsNotFound, match="timm/pvt_v2_b2.in1k"):
         networks.build_model("pvt", pretrained="imagenet")
+
+
+def test_imagenet_weights_timm_from_hf_cache(tmp_path, monkeypatch):
+    """timm encoders (here through smp's tu-) load their weights from a file in the local HF cache."""
+    import huggingface_hub.constants as hf_constants
+    import timm
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(PretrainedWeightsNotFound, match="timm/convnext_atto"):
+        networks.build_model("smp:FPN/tu-convnext_atto", pretrained="imagenet")
+    full = timm.create_model("convnext_atto")
+    sd = _fake_file_from(full, {})
+    _fake_hf_snapshot(tmp_path, timm.models.get_pretrained_cfg("convnext_atto").hf_hub_id, "0" * 40, sd)
+    model = networks.build_model("smp:FPN/tu-convnext_atto", pretrained="imagenet")
+    own = model.backbone.encoder.model.state_dict()
+    assert torch.equal(own["stem_0.weight"], sd["stem.0.weight"])
+    assert torch.equal(own["stages_3.blocks.1.conv_dw.weight"], sd["stages.3.blocks.1.conv_dw.weight"])

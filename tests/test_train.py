@@ -115,3 +115,12 @@ def test_train_py_reports_bad_config_without_traceback(tmp_path):
     bad.write_text("data:\n  sise: 64\n")
     p = subprocess.run([sys.executable, "train.py", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "data.sise" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_data_stops_before_a_run_directory_exists(tmp_path):
+    from datasets.federation import DataError
+
+    cfg = load_config(None, tiny(tmp_path, "data.synthetic=null", name="nodata"))
+    with pytest.raises(DataError, match="site folder"):
+        train(cfg, progress=False)
+    assert not Path(cfg.output.dir).exists()
