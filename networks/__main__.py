@@ -27,8 +27,8 @@ NOTES = """
 - `resnet18`..`resnet152`, `xception`, `mobilenetv2`, `vgg`: DeepLabV3+ with the Self-Assessment (SA)
   head, parameter names and outputs identical to the official models (official checkpoints load;
   `tests/test_compat.py`). Their decoder runs at the stride of the low-level feature: 4 for the
-  ResNets and MobileNetV2 (output stride 8, dilated), 2 for Xception and 1 for VGG16, hence the cost
-  of the last two. `pvt` is PVTv2-b2 from timm with the same head (timm parameter names).
+  ResNets and MobileNetV2 (whose high-level feature is dilated to stride 8), 2 for Xception and 1 for
+  VGG16, hence the cost of the last two. `pvt` is PVTv2-b2 from timm with the same head (timm parameter names).
 - `unet`: a plain U-Net (base width 32, 4 down-steps), SA head on its last decoder feature; feature
   perturbation applies to all five encoder features.
 - `smp:<Decoder>/<encoder>`: any segmentation-models-pytorch decoder among Unet, UnetPlusPlus, FPN,
@@ -98,7 +98,9 @@ def main(argv=None) -> int:
         print("|---|---:|---:|---|")
         for r in rows:
             print(f"| `{r[0]}` | {r[1]} | {r[2]} | {r[3]} |")
-        print(NOTES)
+        print(NOTES.rstrip("\n"))
+        if "tiny" in available():
+            print("- `tiny`: a 0.2 M-parameter DeepLabV3+/SA model for tests and smoke runs, not for results.")
     else:
         w = max(len(r[0]) for r in rows)
         print(f"{'architecture':<{w}}  {'params(M)':>9}  {'GFLOPs@' + str(args.size):>11}  accepted input sizes")

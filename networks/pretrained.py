@@ -51,7 +51,7 @@ def _missing_file(what: str, path: Path, url: str) -> PretrainedWeightsNotFound:
         f"ImageNet weights for {what} not found: expected the file {path.name!r} in the folder "
         f"{str(path.parent)!r} (torch hub's cache; set TORCH_HOME to use another). Nothing is downloaded "
         f"at run time: on a machine with internet access download {url} and put it at {str(path)!r}, "
-        f"or train from scratch (pretrained: null).")
+        f"or train from scratch (models.pretrained: null).")
 
 
 def _load_into(module: nn.Module, sd: Dict[str, torch.Tensor], source: str) -> None:
@@ -124,7 +124,7 @@ def hf_cached_file(repo_id: str, filenames, revision: Optional[str] = None, what
         f"with internet access run `huggingface-cli download {repo_id}"
         f"{' --revision ' + revision if revision else ''}` and copy that machine's cache folder "
         f"(models--{repo_id.replace('/', '--')}) into {_hf_cache()!r}, or train from scratch "
-        f"(pretrained: null).")
+        f"(models.pretrained: null).")
 
 
 def timm_pretrained_overlay(model_name: str) -> dict:

@@ -24,6 +24,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "xception", "mobilenetv2", "vgg"]
 
 

@@ -24,6 +24,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
 CANDIDATE_SIZES = [32, 48, 33, 64, 80, 128, 144]
 
 
@@ -172,6 +174,15 @@ def test_save_load_roundtrip(arch, model, tmp_path):
 
 
 # ---------------------------------------------------------------- names and errors
+
+def test_docs_table_lists_every_architecture():
+    """docs/architectures.md is regenerated: python -m networks --list --size 384 --markdown > ..."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
+    missing = [a for a in ARCHS if f"| `{a}` |" not in text]
+    assert missing == [], f"regenerate docs/architectures.md; missing: {missing}"
+
 
 def test_unknown_names_raise_keyerror_listing_valid_ones():
     with pytest.raises(KeyError, match="resnet18"):
