@@ -1,0 +1,35 @@
+"""The mixed-precision path of Party (used on CUDA), exercised with CPU bf16 autocast."""
+import torch
+
+import networks
+from fed.client import Party
+from fed.base import one_hot
+from utils.config import load_config
+from utils.device import Amp
+from utils.losses import confidence_loss, structure_loss
+
+
+def test_autocast_party_returns_fp32_and_trains():
+    cfg = load_config()
+    amp = Amp(torch.device("cpu"), enabled=True, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    party = Party("p", "tiny", networks.build_model("tiny"), cfg.train, amp, period=10)
+    x = torch.randn(2, 3, 32, 32)
+    y = one_hot((torch.rand(2, 32, 32) > 0.7).long())
+    out = party.forward(x, need_fp=True)
+    assert all(t.dtype == torch.float32 for t in out["mask"]) and out["confidence"].dtype == torch.float32
+    before = [p.detach().clone() for p in party.model.parameters()]
+    out = party.forward(x)
+    loss = structure_loss(out["mask"], y) + confidence_loss(out["mask"].detach(), out["confidence"], y)
+    party.step(loss)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, party.model.parameters()))
+    assert party.scaler.is_enabled() is False  # bf16 needs no loss scaling
+
+
+def test_amp_settings_per_device():
+    cpu = Amp.for_device(torch.device("cpu"), amp=True)
+    assert not cpu.enabled and not cpu.channels_last  # CPU runs fp32, default memory format
+    if torch.cuda.is_available():
+        gpu = Amp.for_device(torch.device("cuda"), amp=True)
+        assert gpu.enabled and gpu.dtype in (torch.bfloat16, torch.float16)
