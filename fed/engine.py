@@ -315,10 +315,17 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, fed, data, t0) -> di
 
     final = evaluate_checkpoints(cfg, ck, run / "test", fed=fed, overlays=4, progress=progress)
     results = {"name": cfg.name, "method": cfg.method, "rounds": R,
-               "wall_time_s": round(time.time() - t0, 1), "best": best, "test": final["summary"]}
+               "wall_time_s": round(time.time() - t0, 1),  # this invocation (a resumed run: since the resume)
+               "rounds_time_s": round(_rounds_time(logger.metrics_path), 1),  # all rounds, across resumes
+               "best": best, "test": final["summary"]}
     atomic_write_text(run / "results.json", json.dumps(results, indent=2))
     logger.info("test split, best-val checkpoints (batch 1, every image):\n" + format_table(final))
     return results
+
+
+def _rounds_time(metrics_path: Path) -> float:
+    with open(metrics_path) as f:
+        return sum(json.loads(line).get("time_s", 0.0) for line in f if line.strip())
 
 
 def _select_best(fed: Federation, rnd: int, val: dict, best: dict, ck: Path, record: dict) -> None:

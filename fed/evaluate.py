@@ -48,6 +48,9 @@ def overlay(image: torch.Tensor, gt: np.ndarray, pred: np.ndarray) -> np.ndarray
 def save_overlay(path: Path, image: torch.Tensor, gt: np.ndarray, pred: np.ndarray, dice: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     out = overlay(image, gt, pred)
+    if out.shape[0] < 256:  # small training sizes: enlarge (nearest) so that the label stays legible
+        f = -(-256 // out.shape[0])
+        out = cv2.resize(out, (out.shape[1] * f, out.shape[0] * f), interpolation=cv2.INTER_NEAREST)
     cv2.putText(out, f"Dice {100 * dice:.1f}", (2, max(10, out.shape[0] // 16)), cv2.FONT_HERSHEY_SIMPLEX,
                 max(0.3, out.shape[0] / 600), (255, 255, 255), 1, cv2.LINE_AA)
     cv2.imwrite(str(path), out)

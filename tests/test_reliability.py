@@ -79,6 +79,8 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path, kill_when
     _same_checkpoints(run / "checkpoints", Path(ref_cfg.output.dir) / "checkpoints")
     res = json.loads((run / "results.json").read_text())
     assert res["test"] == ref_res["test"] and res["best"] == ref_res["best"]
+    # the time of the rounds counts those run before the kill too
+    assert res["rounds_time_s"] == pytest.approx(sum(r["time_s"] for r in read_metrics(run)), abs=0.1)
     assert not list(run.rglob(".*.tmp"))
 
 
