@@ -72,6 +72,8 @@ class Method:
     name = "base"
     #: True when all clients share one global model (FedAvg): evaluation and checkpoints use it.
     shared_model = False
+    #: False when the method ignores ``train.warmup_rounds`` (no round is logged as warm-up).
+    uses_warmup = True
 
     def __init__(self, fed):
         self.fed = fed

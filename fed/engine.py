@@ -289,7 +289,7 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, fed, data, t0) -> di
         _check_finite(fed, rnd, run, start)
         losses = fed.log.means()
         val = evaluate_split(fed, "val")
-        record = {"round": rnd, "warmup": rnd < cfg.train.warmup_rounds,
+        record = {"round": rnd, "warmup": fed.method.uses_warmup and rnd < cfg.train.warmup_rounds,
                   "lr": {"server": fed.server.lr, **{c.name: c.lr for c in fed.clients}},
                   "loss": losses, "val": val, "improved": [], "test_at_best": {}}
         _select_best(fed, rnd, val, best, ck, record)

@@ -13,6 +13,7 @@ from .local_ssl import supervised_pass, unlabeled_pass
 
 class Local(Method):
     name = "local"
+    uses_warmup = False
 
     def round(self, rnd: int) -> None:
         fed = self.fed

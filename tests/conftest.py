@@ -1,6 +1,9 @@
 """Shared test helpers."""
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -15,3 +18,13 @@ def tiny_overrides(tmp_path, name, *extra, rounds=2):
         f"train.rounds={rounds}", "train.warmup_rounds=1", "train.condensation_epochs=2", "train.fusion_epochs=2",
         *extra,
     ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of heavy forward passes: on a busy 2-core machine OpenMP's two
+    threads can run tens of times slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

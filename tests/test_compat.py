@@ -14,16 +14,9 @@ import networks
 from compat_fixture import fixture_input, fixture_state_dict, load_fixture
 from utils.checkpoint import IGNORED_PREFIXES, CheckpointError, load_weights
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIX = load_fixture()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP's 2 threads run tens of times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "xception", "mobilenetv2", "vgg"]

@@ -14,16 +14,9 @@ from networks.pretrained import PretrainedWeightsNotFound
 from utils.checkpoint import load_weights, save_weights
 from utils.losses import confidence_loss, structure_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARCHS = networks.available()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP's 2 threads run tens of times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 CANDIDATE_SIZES = [32, 48, 33, 64, 80, 128, 144]

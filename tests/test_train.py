@@ -103,10 +103,11 @@ def test_lssl_averages_into_one_global_model(tmp_path):
 
 
 def test_local_trains_without_collaboration(tmp_path):
-    cfg = load_config(None, tiny(tmp_path, "method=local", "train.rounds=1", "train.warmup_rounds=0"))
+    # local has no warm-up: unlabeled learning from round 0, and the round is not logged as warm-up
+    cfg = load_config(None, tiny(tmp_path, "method=local", "train.rounds=1", "train.warmup_rounds=1"))
     train(cfg, progress=False)
     rec = read_metrics(cfg.output.dir)[0]
-    assert "server" not in rec["loss"]
+    assert "server" not in rec["loss"] and rec["warmup"] is False
     assert {"sup_seg", "unl_weak"} <= set(rec["loss"]["client0"])
 
 

@@ -122,7 +122,7 @@ SCHEMA: Dict[str, Any] = {
     },
     "train": {
         "rounds": Key(200, int, "Communication rounds.", check=_pos),
-        "warmup_rounds": Key(20, int, "Rounds of supervised warm-up (no KL, no unlabeled data; "
+        "warmup_rounds": Key(20, int, "Rounds of supervised warm-up (no KL, no unlabeled data; hssf and lssl; "
                              "official `pretrained_epoch`).", check=_nonneg),
         "condensation_epochs": Key(4, int, "Passes over D_p in Regularity Condensation per round.",
                                    check=_nonneg),
