@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from datasets.federation import load_federation  # noqa: E402
-from fed.base import LossLog  # noqa: E402
 from fed.engine import Federation, evaluate_split  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
@@ -46,13 +45,12 @@ def bench(cfg, rounds: int = 1) -> dict:
     if dev.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    phases = [("warmup", 0)] + ([("ssl", cfg.train.warmup_rounds)] if cfg.method != "local" else [])
-    if cfg.method == "local":
-        phases = [("ssl", 0)]
+    phases = ([("warmup", 0), ("ssl", cfg.train.warmup_rounds)] if fed.method.uses_warmup
+              else [("ssl", 0)])
     for phase, rnd in phases:
         times, images = [], []
         for _ in range(rounds):
-            fed.log = LossLog()
+            fed.begin_round()
             counter["images"] = 0
             _sync(dev)
             t = time.perf_counter()

@@ -206,14 +206,13 @@ def prepare_run_dir(cfg, overwrite: bool = False, dry_run: bool = False) -> Path
                 f"{run} already holds a{'n' if status == 'unfinished' else ''} {status} run. "
                 f"Continue it with `python train.py --resume {run}`, choose another output.dir "
                 f"(e.g. --set output.dir=runs/other), or pass --overwrite to delete it.")
-        if dry_run:
-            return run
-        shutil.rmtree(run)
+        if not dry_run:
+            shutil.rmtree(run)
     if dry_run:
         return run
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "config.yaml", yaml.safe_dump(
-        {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}, sort_keys=False))
+        cfg.settings(), sort_keys=False))
     return run
 
 
@@ -282,6 +281,7 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, fed, data, t0) -> di
     bar = tqdm(range(start, R), desc="rounds", initial=start, total=R, disable=not progress or None,
                dynamic_ncols=True)
     done_now = 0
+    settings = cfg.settings()  # stored with every state, to warn when a resume changes them
     for rnd in bar:
         tr = time.time()
         fed.begin_round()
@@ -298,8 +298,7 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, fed, data, t0) -> di
         logger.round(record)
         logger.info(_round_line(record, fed))
         bar.set_postfix(val_dice=f"{val['all']['dice']:.3f}")
-        writer.save({"round": rnd, "federation": fed.state_dict(), "best": best,
-                     "config": {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}},
+        writer.save({"round": rnd, "federation": fed.state_dict(), "best": best, "config": settings},
                     run / STATE_FILE)
         done_now += 1
         if stop_after is not None and done_now >= stop_after and rnd < R - 1:
@@ -372,7 +371,8 @@ def _check_finite(fed: Federation, rnd: int, run: Path, start: int) -> None:
     if not bad:
         return
     party, term = bad
-    who = party if party == "server" else f"{party} ({fed.clients[int(party[6:])].site})"
+    sites = {c.name: c.site for c in fed.clients}
+    who = f"{party} ({sites[party]})" if party in sites else party
     kept = (f"the state after round {rnd - 1} is kept in {run / STATE_FILE}; fix the cause and continue with "
             f"`python train.py --resume {run}`") if rnd > 0 else "no round was completed"
     raise FloatingPointError(f"non-finite loss in round {rnd}: {who}, loss term {term!r}. "
@@ -380,7 +380,7 @@ def _check_finite(fed: Federation, rnd: int, run: Path, start: int) -> None:
 
 
 def _warn_config_changes(logger: RunLogger, old: dict, cfg) -> None:
-    new = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}
+    new = cfg.settings()
     diffs = []
 
     def walk(a, b, prefix=""):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .segmodel import SelfAssessmentHead, head_output, init_head_
+from .segmodel import SegModel, SelfAssessmentHead, head_output, init_head_
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int, k: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -77,3 +77,9 @@ class DeepLabV3PlusHead(SelfAssessmentHead):
         out = F.interpolate(out, size=low.shape[-2:], mode="bilinear", align_corners=False)
         feat = self.last_conv1(torch.cat([low, out], dim=1))
         return head_output(self, feat)
+
+
+def deeplab_v3plus(backbone: nn.Module, high_ch: int, low_ch: int, num_classes: int = 2) -> SegModel:
+    """The official model: ``backbone`` (returning ``low_level`` with ``low_ch`` channels and ``out``
+    with ``high_ch``) under the DeepLabV3+ / Self-Assessment head; inputs of at least 32 px."""
+    return SegModel(backbone, DeepLabV3PlusHead(high_ch, low_ch, num_classes), min_size=32)

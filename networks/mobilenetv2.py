@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .deeplab import DeepLabV3PlusHead
+from .deeplab import deeplab_v3plus
+from .pretrained import load_torchvision_weights
 from .registry import register
-from .segmodel import SegModel
 
 # expansion t, output channels c, repeats n, stride s (MobileNetV2 paper, table 2)
 _SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -102,7 +102,5 @@ class MobileNetV2Backbone(nn.Module):
 @register("mobilenetv2")
 def mobilenetv2(num_classes: int = 2, pretrained=None, **_):
     backbone = MobileNetV2Backbone()
-    if pretrained:
-        from .pretrained import load_torchvision_weights
-        load_torchvision_weights(backbone, "mobilenet_v2", pretrained)
-    return SegModel(backbone, DeepLabV3PlusHead(1280, 24, num_classes), min_size=32)
+    load_torchvision_weights(backbone, "mobilenet_v2", pretrained)  # None: from scratch
+    return deeplab_v3plus(backbone, 1280, 24, num_classes)

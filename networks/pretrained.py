@@ -82,19 +82,21 @@ def load_torchvision_weights(backbone: nn.Module, tv_name: str, pretrained="imag
     from torchvision.models import get_model_weights
 
     url = get_model_weights(tv_name).IMAGENET1K_V1.url
-    path = hub_checkpoint_dir() / url.rsplit("/", 1)[-1]
-    if not path.is_file():
-        raise _missing_file(tv_name, path, url)
-    _load_into(backbone, _load_file(path), str(path))
+    _load_hub_file(backbone, tv_name, url)
 
 
 def load_xception_weights(backbone: nn.Module, pretrained="imagenet") -> None:
     """Load the "pretrainedmodels" ImageNet Xception weights (its ``fc``/``last_linear`` is ignored)."""
     if check_source(pretrained) is None:
         return
-    path = hub_checkpoint_dir() / XCEPTION_FILE
+    _load_hub_file(backbone, "xception", XCEPTION_URL)
+
+
+def _load_hub_file(backbone: nn.Module, what: str, url: str) -> None:
+    """Load the file ``url`` names from torch hub's checkpoint folder; never downloads it."""
+    path = hub_checkpoint_dir() / url.rsplit("/", 1)[-1]
     if not path.is_file():
-        raise _missing_file("xception", path, XCEPTION_URL)
+        raise _missing_file(what, path, url)
     _load_into(backbone, _load_file(path), str(path))
 
 

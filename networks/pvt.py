@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .deeplab import DeepLabV3PlusHead
+from .deeplab import deeplab_v3plus
 from .registry import register
-from .segmodel import SegModel
 
 TIMM_NAME = "pvt_v2_b2"
 
@@ -39,4 +38,4 @@ class PVTv2Backbone(nn.Module):
 
 @register("pvt")
 def pvt(num_classes: int = 2, pretrained=None, **_):
-    return SegModel(PVTv2Backbone(pretrained), DeepLabV3PlusHead(512, 64, num_classes), min_size=32)
+    return deeplab_v3plus(PVTv2Backbone(pretrained), 512, 64, num_classes)

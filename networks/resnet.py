@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .deeplab import DeepLabV3PlusHead
+from .deeplab import deeplab_v3plus
+from .pretrained import load_torchvision_weights
 from .registry import register
-from .segmodel import SegModel
 
 
 class ResNetBackbone(ResNet):
@@ -41,12 +41,8 @@ def _make(name):
     @register(name)
     def factory(num_classes: int = 2, pretrained=None, **_):
         backbone = ResNetBackbone(block, layers)
-        if pretrained:  # ImageNet weights from torch hub's cache only; see networks.pretrained
-            from .pretrained import load_torchvision_weights
-            load_torchvision_weights(backbone, name, pretrained)
-        out_ch = 512 * block.expansion
-        low_ch = 64 * block.expansion
-        return SegModel(backbone, DeepLabV3PlusHead(out_ch, low_ch, num_classes), min_size=32)
+        load_torchvision_weights(backbone, name, pretrained)  # None: from scratch
+        return deeplab_v3plus(backbone, 512 * block.expansion, 64 * block.expansion, num_classes)
 
     return factory
 

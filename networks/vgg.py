@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from .deeplab import DeepLabV3PlusHead
+from .deeplab import deeplab_v3plus
+from .pretrained import load_torchvision_weights
 from .registry import register
-from .segmodel import SegModel
 
 
 class VGG16Backbone(nn.Module):
@@ -40,7 +40,5 @@ class VGG16Backbone(nn.Module):
 @register("vgg")
 def vgg(num_classes: int = 2, pretrained=None, **_):
     backbone = VGG16Backbone()
-    if pretrained:
-        from .pretrained import load_torchvision_weights
-        load_torchvision_weights(backbone, "vgg16", pretrained)
-    return SegModel(backbone, DeepLabV3PlusHead(512, 64, num_classes), min_size=32)
+    load_torchvision_weights(backbone, "vgg16", pretrained)  # None: from scratch
+    return deeplab_v3plus(backbone, 512, 64, num_classes)

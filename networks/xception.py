@@ -23,9 +23,9 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .deeplab import DeepLabV3PlusHead
+from .deeplab import deeplab_v3plus
+from .pretrained import load_xception_weights
 from .registry import register
-from .segmodel import SegModel
 
 
 class SeparableConv2d(nn.Module):
@@ -110,7 +110,5 @@ class XceptionBackbone(nn.Module):
 @register("xception")
 def xception(num_classes: int = 2, pretrained=None, **_):
     backbone = XceptionBackbone()
-    if pretrained:
-        from .pretrained import load_xception_weights
-        load_xception_weights(backbone, pretrained)
-    return SegModel(backbone, DeepLabV3PlusHead(2048, 64, num_classes), min_size=32)
+    load_xception_weights(backbone, pretrained)  # None: from scratch
+    return deeplab_v3plus(backbone, 2048, 64, num_classes)

@@ -59,7 +59,7 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path, kill_when
     cfg = tiny_cfg(tmp_path, "killed")
     cfg.data.root = ref_cfg.data.root
     cfg_file = tmp_path / "killed.yaml"
-    cfg_file.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}))
+    cfg_file.write_text(yaml.safe_dump(cfg.settings()))
     run = Path(cfg.output.dir)
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(cfg_file), "--quiet"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -176,6 +176,10 @@ class Config(dict):
     def to_dict(self) -> dict:
         return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
 
+    def settings(self) -> dict:
+        """:meth:`to_dict` without the loader's private keys (``_source``...): what a run's YAML holds."""
+        return {k: v for k, v in self.to_dict().items() if not k.startswith("_")}
+
 
 def defaults(schema=SCHEMA) -> Config:
     return Config({k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)

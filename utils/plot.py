@@ -18,6 +18,13 @@ import numpy as np  # noqa: E402
 from utils.logger import read_metrics  # noqa: E402
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(records, out: Path, title: str) -> Path:
     rounds = [r["round"] for r in records]
     warm = [r["round"] for r in records if r.get("warmup")]
@@ -47,11 +54,7 @@ def plot_curves(records, out: Path, title: str) -> Path:
         ax.set_yscale("log")
         ax.legend(fontsize=6)
     fig.suptitle(f"{title}  (grey: warm-up rounds)", fontsize=10)
-    fig.tight_layout()
-    path = out / f"{title}_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"{title}_curves.png")
 
 
 def plot_predictions(run_dir: Path, out: Path, title: str, per_client: int = 4) -> Path | None:
@@ -74,11 +77,7 @@ def plot_predictions(run_dir: Path, out: Path, title: str, per_client: int = 4) 
             if j == 0:
                 ax.set_title(g, fontsize=8, loc="left")
     fig.suptitle(f"{title}: test predictions (red) and ground truth (green)", fontsize=9)
-    fig.tight_layout()
-    path = out / f"{title}_predictions.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"{title}_predictions.png")
 
 
 def main(argv=None):
