@@ -10,21 +10,28 @@ import sys
 from pathlib import Path
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Test client checkpoints (yours or the official released ones).")
     ap.add_argument("--config", required=True, help="the experiment's YAML (data, models, method)")
     ap.add_argument("--checkpoints", required=True, help="folder with {arch}_{k}_best.pth files")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override config keys, e.g. --set data.size=256 data.batch_size=2 (one or more "
+                         "pairs; repeatable; applied in order)")
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--which", choices=["best", "last"], default="best")
     ap.add_argument("--out", help="output folder (default: <checkpoints>/../test_<split>)")
     ap.add_argument("--overlays", type=int, default=8, help="overlay images per client (0: none)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
 
     from datasets.federation import DataError
     from fed.report import evaluate_checkpoints, format_table
     from utils.checkpoint import CheckpointError
-    from utils.config import ConfigError, load_config
+    from fed import load_config
+    from utils.config import ConfigError
 
     out = Path(a.out) if a.out else Path(a.checkpoints).resolve().parent / f"test_{a.split}"
     try:

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from datasets.federation import load_federation  # noqa: E402
 from fed.engine import Federation, evaluate_split  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from fed import load_config  # noqa: E402
 
 
 def _sync(dev):
@@ -72,13 +72,18 @@ def bench(cfg, rounds: int = 1) -> dict:
     return out
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override config keys (one or more pairs; repeatable; applied in order)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds timed per phase")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     res = bench(load_config(a.config, a.overrides), a.rounds)
     if a.json:
         print(json.dumps(res))

@@ -396,15 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m datasets.verify",
         description="Check every image, mask and split a run of this config would read; list all problems.")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.root=/data (repeatable)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set data.root=/data data.size=256 (one or more "
+                        "pairs; repeatable; applied in order)")
     p.add_argument("--workers", type=_positive, default=None, help="reader threads (default: CPU count + 4, max 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from utils.config import ConfigError, load_config
+    from fed import load_config
+    from utils.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

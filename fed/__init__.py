@@ -7,3 +7,17 @@ from .local import Local
 from .lssl import LSSL
 
 METHODS = {m.name: m for m in (HSSF, LSSL, Local)}
+
+
+def check_config(cfg) -> list:
+    """The method exists and accepts the configuration."""
+    if cfg.method not in METHODS:
+        return [f"method: {cfg.method!r} is not one of {', '.join(METHODS)}"]
+    return METHODS[cfg.method].check_config(cfg)
+
+
+def load_config(path=None, overrides=(), extra=None):
+    """:func:`utils.config.load_config` plus the method's own checks: what the entry points use."""
+    from utils.config import load_config as _load
+
+    return _load(path, overrides, extra, check=check_config)

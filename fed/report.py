@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 import networks
 from datasets.dataset import SegDataset, collate_names
 from datasets.federation import load_federation
-from utils.checkpoint import CheckpointError, client_ckpt_name, global_ckpt_name, load_weights
+from utils.checkpoint import CheckpointError, client_ckpt_name, global_ckpt_name
 from utils.device import Amp, resolve_device
 from utils.io import atomic_write_text
 from utils.metrics import ScoreBook
@@ -68,7 +68,7 @@ def evaluate_checkpoints(cfg, ckpt_dir, out_dir, fed=None, split: str = "test", 
                                           disable=not progress or None, leave=False)):
         arch_k = cfg.models.server if METHODS[cfg.method].shared_model else arch
         model = networks.build_model(arch_k)
-        load_weights(model, paths[k], arch_k)
+        networks.load_weights(model, paths[k], arch_k)
         model = model.to(device)
         ds = SegDataset(data_items[k], cfg.data.size, "eval", cache=False)
         loader = DataLoader(ds, batch_size=1, shuffle=False, num_workers=cfg.data.num_workers,

@@ -4,7 +4,7 @@ Every model returns ``{'mask': (B,C,H,W) logits, 'confidence': (B,1,H,W) SA logi
 :mod:`networks.segmodel`. Adding an architecture = one module that calls ``register`` + one import
 line below. ``python -m networks --list`` prints every name with its size and cost.
 """
-from .registry import available, build_model, register, register_prefix  # noqa: F401
+from .registry import available, build_model, guess_arch, load_weights, register, register_prefix  # noqa: F401
 from .segmodel import SegModel, SelfAssessmentHead  # noqa: F401
 
 from . import resnet  # noqa: F401,E402  (registers resnet18..resnet152)

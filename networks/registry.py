@@ -13,9 +13,12 @@ factory receives the part after the prefix.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
+
+from utils.checkpoint import IGNORED_PREFIXES as _IGNORED
 
 _FACTORIES: Dict[str, Callable[..., nn.Module]] = {}
 _PREFIXES: Dict[str, Tuple[Callable[..., nn.Module], List[str]]] = {}
@@ -71,3 +74,37 @@ def build_model(arch: str, num_classes: int = 2, **kwargs) -> nn.Module:
             )
     model.arch = arch
     return model
+
+
+# --- which architecture does a state dict belong to? (error messages of networks.load_weights) ---
+
+def _signature(model_or_sd) -> set:
+    sd = model_or_sd if isinstance(model_or_sd, dict) else model_or_sd.state_dict()
+    return {(k, tuple(v.shape)) for k, v in sd.items() if not k.startswith(_IGNORED)}
+
+
+def guess_arch(state_dict: Dict[str, torch.Tensor], candidates: Optional[List[str]] = None) -> Tuple[str, float]:
+    """The registered architecture whose (key, shape) set best matches ``state_dict`` (Jaccard index).
+
+    Models are built on the ``meta`` device, so this allocates no weights.
+    """
+    target = _signature(state_dict)
+    best, score = "unknown", 0.0
+    for arch in candidates or available():
+        try:
+            with torch.device("meta"):
+                sig = _signature(build_model(arch))
+        except Exception:
+            continue
+        s = len(sig & target) / max(1, len(sig | target))
+        if s > score:
+            best, score = arch, s
+    return best, score
+
+
+def load_weights(model: nn.Module, path, arch: Optional[str] = None) -> None:
+    """:func:`utils.checkpoint.load_weights`, whose errors also name the architecture the file's keys
+    look like."""
+    from utils.checkpoint import load_weights as _load
+
+    _load(model, path, arch, guess=guess_arch)

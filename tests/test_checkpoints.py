@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import networks
-from utils.checkpoint import CheckpointError, guess_arch, load_weights, safe_load, save_weights
+from networks import guess_arch, load_weights
+from utils.checkpoint import CheckpointError, safe_load, save_weights
 from utils.io import BackgroundWriter, atomic_torch_save, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent

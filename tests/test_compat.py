@@ -12,7 +12,8 @@ import torch
 
 import networks
 from compat_fixture import fixture_input, fixture_state_dict, load_fixture
-from utils.checkpoint import IGNORED_PREFIXES, CheckpointError, load_weights
+from networks import load_weights
+from utils.checkpoint import IGNORED_PREFIXES, CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

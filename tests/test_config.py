@@ -60,8 +60,11 @@ def test_cross_checks():
         load_config(None, ["models.clients=[resnet18, resnet18]"])
     with pytest.raises(ConfigError, match="warmup_rounds .* > train.rounds"):
         load_config(None, ["train.rounds=3", "train.warmup_rounds=5"])
+    import fed
+
     with pytest.raises(ConfigError, match="method: 'fedfoo' is not one of hssf, lssl, local"):
-        load_config(None, ["method=fedfoo"])
+        fed.load_config(None, ["method=fedfoo"])
+    assert load_config(None, ["method=fedfoo"]).method == "fedfoo"  # utils.config knows no methods
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

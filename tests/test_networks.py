@@ -11,7 +11,8 @@ import torch
 
 import networks
 from networks.pretrained import PretrainedWeightsNotFound
-from utils.checkpoint import load_weights, save_weights
+from networks import load_weights
+from utils.checkpoint import save_weights
 from utils.losses import confidence_loss, structure_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import yaml
 
 import networks
 from fed.engine import train
-from utils.config import load_config
+from fed import load_config
 from conftest import ROOT, tiny_overrides
 from utils.logger import read_metrics
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fed.engine import RunDirError, train
-from utils.config import ConfigError, load_config
+from fed import load_config
+from utils.config import ConfigError
 from conftest import ROOT, tiny_overrides
 from utils.logger import read_metrics
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -75,37 +75,13 @@ def extract_state_dict(obj, path) -> Dict[str, torch.Tensor]:
     return obj
 
 
-def _signature(model_or_sd) -> set:
-    sd = model_or_sd if isinstance(model_or_sd, dict) else model_or_sd.state_dict()
-    return {(k, tuple(v.shape)) for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
-
-
-def guess_arch(state_dict: Dict[str, torch.Tensor], candidates: Optional[List[str]] = None) -> Tuple[str, float]:
-    """The registered architecture whose (key, shape) set best matches ``state_dict`` (Jaccard index).
-
-    Models are built on the ``meta`` device, so this allocates no weights.
-    """
-    import networks
-
-    target = _signature(state_dict)
-    best, score = "unknown", 0.0
-    for arch in candidates or networks.available():
-        try:
-            with torch.device("meta"):
-                sig = _signature(networks.build_model(arch))
-        except Exception:
-            continue
-        s = len(sig & target) / max(1, len(sig | target))
-        if s > score:
-            best, score = arch, s
-    return best, score
-
-
-def load_weights(model: torch.nn.Module, path, arch: Optional[str] = None) -> None:
+def load_weights(model: torch.nn.Module, path, arch: Optional[str] = None,
+                 guess: Optional[Callable[[Dict[str, torch.Tensor]], Tuple[str, float]]] = None) -> None:
     """Load a weights file into ``model`` strictly (except ``backbone.fc.*``, which is dropped).
 
-    A mismatch raises :class:`CheckpointError` naming the expected architecture, the one the file's
-    keys look like, and the first missing/unexpected/mis-shaped keys.
+    A mismatch raises :class:`CheckpointError` naming the expected architecture, the first
+    missing/unexpected/mis-shaped keys and, with ``guess`` (``networks.guess_arch``: state dict ->
+    (architecture, match)), the architecture the file's keys look like.
     """
     sd = extract_state_dict(safe_load(path, "weights file"), path)
     sd = {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
@@ -116,7 +92,7 @@ def load_weights(model: torch.nn.Module, path, arch: Optional[str] = None) -> No
              if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or shape:
         arch = arch or getattr(model, "arch", type(model).__name__)
-        looks, score = guess_arch(sd)
+        looks, score = guess(sd) if guess is not None else (arch, 1.0)
         parts = [f"{path}: weights do not fit architecture {arch!r}"]
         if looks != arch:
             parts.append(f"the file's keys look like {looks!r} ({score:.0%} of keys and shapes match)")

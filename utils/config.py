@@ -10,7 +10,7 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import yaml
 
@@ -269,10 +269,12 @@ def parse_override(s: str):
     return node
 
 
-def load_config(path=None, overrides: Iterable[str] = (), extra: Optional[dict] = None) -> Config:
+def load_config(path=None, overrides: Iterable[str] = (), extra: Optional[dict] = None,
+                check: Optional[Callable[[Config], List[str]]] = None) -> Config:
     """Defaults <- YAML file <- ``extra`` dict <- ``--set`` overrides; then validated.
 
-    Raises :class:`ConfigError` listing every problem found.
+    ``check(cfg)`` adds problems of its own once the schema is satisfied (``fed.load_config`` passes
+    the method registry's check). Raises :class:`ConfigError` listing every problem found.
     """
     cfg = defaults()
     errors: List[str] = []
@@ -293,13 +295,8 @@ def load_config(path=None, overrides: Iterable[str] = (), extra: Optional[dict] 
         _typecheck(cfg, SCHEMA, "", errors)
     if not errors:
         _cross_checks(cfg, errors)
-    if not errors:
-        from fed import METHODS
-
-        if cfg.method not in METHODS:
-            errors.append(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
-        else:
-            errors.extend(METHODS[cfg.method].check_config(cfg))
+    if not errors and check is not None:
+        errors.extend(check(cfg))
     if errors:
         src = f" in {path}" if path else ""
         raise ConfigError(f"{len(errors)} configuration problem(s){src}:\n  - " + "\n  - ".join(errors))
