@@ -105,11 +105,12 @@ class SegDataset(Dataset):
         name = self.items[i][2]
         if self.mode == "eval":
             return to_tensor(img), mask_tensor(mask), name
-        self.geo.set_random_seed(seed)
+        self.geo.set_random_seed(seed)  # an IndependentCompose: one stream per transform
         if self.mode == "labeled":
             out = self.geo(image=img, mask=mask)
             return to_tensor(out["image"]), mask_tensor(out["mask"]), name
         weak = self.geo(image=img)["image"]
+        # photometric draws: the root stream of ``seed``; the geometric transforms use spawned ones
         strong = randaugment(weak, np.random.default_rng(seed))
         return to_tensor(weak), to_tensor(strong), name
 

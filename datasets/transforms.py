@@ -1,18 +1,27 @@
 """Augmentations of SPEC section 5.
 
-- labeled train: rotation +-90 deg, vertical flip, horizontal flip (same draw for image and mask);
-- unlabeled weak: the same + random crop of ``size`` after reflect padding of ``size/8``;
+- labeled train: rotation uniform in +-90 deg (nearest, zero fill), vertical flip (p=0.5), horizontal
+  flip (p=0.5) -- same draw for image and mask;
+- unlabeled weak: the same + random crop of ``size`` after reflect-101 padding of ``size/8``;
 - unlabeled strong: the *weak view* + RandAugment (n=2, magnitude in [1, m), photometric pool, each
   chosen op applied with p=0.5) + a 16-px gray (127) cutout. Because the photometric ops act on the
   already-transformed weak image, the weak view, the strong view and the mask share one geometric
   draw by construction;
 - val/test: none.
 
-All randomness comes from a per-sample seed (see :class:`datasets.dataset.SeededSampler`), so a run
-repeats exactly, with any number of loader workers, and resumes exactly.
+All randomness comes from one per-sample seed (see :class:`datasets.dataset.SeededSampler`), so a
+run repeats exactly, with any number of loader workers, and resumes exactly. The rotation, each flip
+and the crop are drawn *independently* of each other (as in the official code): albumentations 2's
+``Compose.set_random_seed(seed)`` hands the same seed to every child transform, so every child would
+draw the same first number (both flips always agreeing, the angle's sign following the flips, the
+crop offset following the angle). :class:`IndependentCompose` instead gives child ``j`` its own
+stream, ``SeedSequence(seed, spawn_key=(0, j))`` (see :func:`derive_seed`). The photometric draws of
+the strong view use ``np.random.default_rng(seed)``, the root stream of that seed, which no geometric
+draw uses.
 """
 from __future__ import annotations
 
+import random
 from typing import Callable, List, Tuple
 
 import albumentations as A
@@ -25,8 +34,34 @@ import PIL.ImageOps
 import torch
 
 
-def geometric(size: int, crop: bool) -> A.Compose:
-    """Rotation (nearest, zero fill, as torchvision's RandomRotation), flips, optional pad+crop."""
+def derive_seed(seed: int, *key: int) -> int:
+    """A 64-bit seed for the independent stream ``key`` of ``seed`` (numpy's SeedSequence spawning)."""
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0])
+
+
+class IndependentCompose(A.Compose):
+    """``A.Compose`` whose ``set_random_seed(seed)`` seeds each child transform independently.
+
+    Why: albumentations 2 passes the *same* seed to every child, so children that each draw one
+    number draw the same number -- VerticalFlip and HorizontalFlip then always agree (never a single
+    mirror), the rotation's sign follows the flips and the crop offset follows the angle. Here child
+    ``j`` gets ``derive_seed(seed, 0, j)`` and the Compose's own generators ``derive_seed(seed, 1)``.
+    tests/test_augmentation.py checks the resulting statistics; do not replace this by ``A.Compose``.
+    """
+
+    def set_random_seed(self, seed) -> None:
+        super().set_random_seed(seed)  # records self.seed; seed None -> fresh entropy everywhere
+        if seed is None:
+            return
+        own = derive_seed(seed, 1)
+        self.random_generator, self.py_random = np.random.default_rng(own), random.Random(own)
+        for j, t in enumerate(self.transforms):
+            t.set_random_seed(derive_seed(seed, 0, j))
+
+
+def geometric(size: int, crop: bool) -> IndependentCompose:
+    """Rotation (nearest, zero fill, as torchvision's RandomRotation), flips, optional pad+crop;
+    every transform with its own random stream (see :class:`IndependentCompose`)."""
     ops = [
         A.Rotate(limit=90, interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT,
                  fill=0, fill_mask=0, p=1.0),
@@ -36,7 +71,7 @@ def geometric(size: int, crop: bool) -> A.Compose:
     if crop:
         ops += [A.Pad(padding=int(size * 0.125), border_mode=cv2.BORDER_REFLECT_101),
                 A.RandomCrop(size, size)]
-    return A.Compose(ops, seed=0)
+    return IndependentCompose(ops, seed=0)
 
 
 # --- RandAugment, photometric pool (FixMatch's RandAugmentMC with the geometric ops removed) -------
