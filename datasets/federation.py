@@ -42,15 +42,19 @@ def split_path_for(cfg) -> Path:
 
 
 def ensure_synthetic(cfg, progress: bool = False) -> None:
+    """With ``data.synthetic`` set, generate the sites once at their native size
+    (``data.synthetic.size``), independent of ``data.size``: the loaders resize them."""
     syn = cfg.data.synthetic
     if syn:
-        from .synthetic import make_synthetic
+        from .synthetic import NATIVE_SIZE, make_synthetic
 
         counts = {cfg.data.public: syn["public"], **{c: syn["per_client"] for c in cfg.data.clients}}
         try:
-            make_synthetic(cfg.data.root, cfg.data.dataset, counts, cfg.data.size, syn.get("seed", 0), progress)
+            make_synthetic(cfg.data.root, cfg.data.dataset, counts, syn.get("size", NATIVE_SIZE),
+                           syn.get("seed", 0), progress)
         except FileExistsError as e:
-            raise DataError([str(e)]) from None
+            raise DataError([f"{e}, or set data.synthetic (image counts, native size, seed), data.public "
+                             f"and data.clients to what it holds"], header="data problem") from None
 
 
 def load_federation(cfg, progress: bool = False) -> Federation:

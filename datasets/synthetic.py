@@ -8,16 +8,22 @@ mixture of all looks; site k (k >= 1) has look k.
 
 ``python -m datasets.synthetic OUT_ROOT --sites Public SiteA SiteB --n 24 40 40 --size 64``
 writes ``OUT_ROOT/<dataset>/<site>/{image,mask}/<site>_<i>.png``.
+
+The sites are written once at their own native ``size`` (:data:`NATIVE_SIZE` unless the config's
+``data.synthetic.size`` says otherwise), whatever ``data.size`` a run uses: the loader resizes them,
+as it does any real dataset, so one folder serves every ``data.size``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import cv2
 import numpy as np
+
+NATIVE_SIZE = 64  # side of the written images when the config does not set data.synthetic.size
 
 # Per-site look: background RGB, texture cells, texture contrast, noise std, blur sigma (px at 64 px).
 # The lesion cues are shared by every site (brighter and yellower than the background, a dark rim,
@@ -87,12 +93,35 @@ def synth_image(rng: np.random.Generator, size: int, style: dict):
     return np.clip(img, 0, 255).astype(np.uint8), mask
 
 
-def make_synthetic(root, dataset: str, sites: Dict[str, int], size: int = 64, seed: int = 0,
+def _differences(old: dict, new: dict) -> List[str]:
+    """What differs between two ``synthetic.json`` parameter sets, in words (on disk vs requested)."""
+    out = []
+    if not isinstance(old, dict):
+        return [f"unreadable parameters {old!r}"]
+    old_sites, new_sites = old.get("sites") or {}, new["sites"]
+    if not isinstance(old_sites, dict):
+        old_sites = {}
+    for site in list(old_sites) + [s for s in new_sites if s not in old_sites]:
+        if site not in new_sites:
+            out.append(f"site {site!r}: {old_sites[site]} images on disk, not requested")
+        elif site not in old_sites:
+            out.append(f"site {site!r}: requested ({new_sites[site]} images), not on disk")
+        elif old_sites[site] != new_sites[site]:
+            out.append(f"site {site!r}: {old_sites[site]} images on disk, {new_sites[site]} requested")
+    for key, what in (("size", "native size"), ("seed", "seed")):
+        if old.get(key) != new[key]:
+            out.append(f"{what}: {old.get(key)} on disk, {new[key]} requested")
+    return out or [f"parameters {old} on disk, {new} requested"]
+
+
+def make_synthetic(root, dataset: str, sites: Dict[str, int], size: int = NATIVE_SIZE, seed: int = 0,
                    progress: bool = False) -> Path:
-    """Write ``root/dataset/<site>/{image,mask}/<site>_<i>.png`` for ``sites = {name: count}``.
+    """Write ``root/dataset/<site>/{image,mask}/<site>_<i>.png`` for ``sites = {name: count}``, each
+    image ``size`` x ``size`` (the native size; loaders resize to their own).
 
     Writes ``root/dataset/synthetic.json`` with the parameters; an existing folder made with other
-    parameters is an error (delete it to regenerate).
+    parameters is a :class:`FileExistsError` that names the folder and what differs (delete it to
+    regenerate).
     """
     from tqdm import tqdm
 
@@ -106,8 +135,8 @@ def make_synthetic(root, dataset: str, sites: Dict[str, int], size: int = 64, se
         if old == params:
             return base
         raise FileExistsError(
-            f"{base} holds synthetic data made with other parameters ({old}); delete the folder "
-            f"to regenerate it with {params}")
+            f"{base} holds synthetic data made with other parameters: {'; '.join(_differences(old, params))}. "
+            f"Delete the folder to regenerate it")
     for k, (site, count) in enumerate(sites.items()):
         for sub in ("image", "mask"):
             (base / site / sub).mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from datasets.federation import DataError, load_federation
 from datasets.sites import scan_site
 from datasets.splits import generate_split, load_split, official_split_name
 from datasets.synthetic import make_synthetic
-from utils.config import load_config
+from utils.config import ConfigError, load_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
@@ -155,3 +155,57 @@ def test_load_federation_generates_split_and_reports_problems(tmp_path):
     assert "lists 'ghost.png'" in msg and "client 'B' has an empty test_list" in msg
     with pytest.raises(DataError, match="site folder.*not found.*Nope"):
         load_federation(load_config(None, over + ["data.clients=[A, Nope]", "data.synthetic=null"]))
+
+
+def _syn_over(root, synthetic="{public: 4, per_client: 6}"):
+    return [f"data.root={root}", "data.dataset=syn", "data.public=P", "data.clients=[A, B]",
+            "models.clients=[resnet18, resnet18]", f"data.synthetic={synthetic}"]
+
+
+def test_synthetic_sites_are_made_once_at_native_size_and_resized_to_any_data_size(tmp_path):
+    over = _syn_over(tmp_path)
+    marker = tmp_path / "syn" / "synthetic.json"
+    for size in (32, 48, 64):  # the first call generates; the others reuse the same files
+        fed = load_federation(load_config(None, over + [f"data.size={size}"]))
+        assert json.loads(marker.read_text()) == {"sites": {"P": 4, "A": 6, "B": 6}, "size": 64, "seed": 0}
+        with PIL.Image.open(fed.public[0][0]) as im:
+            assert im.size == (64, 64)  # native size on disk (the default, as the demo's data)
+        img, mask, _ = SegDataset(fed.public, size, "eval")[0]
+        assert img.shape == (3, size, size) and mask.shape == (1, size, size)
+        weak, strong, _ = SegDataset(fed.clients[0]["unlabeled_train"], size, "unlabeled")[(0, 1)]
+        assert weak.shape == strong.shape == (3, size, size)
+    # an explicit native size, in its own folder
+    fed = load_federation(load_config(None, _syn_over(tmp_path / "n", "{public: 4, per_client: 6, size: 40}")
+                                      + ["data.size=32"]))
+    with PIL.Image.open(fed.clients[1]["test_list"][0][0]) as im:
+        assert im.size == (40, 40)
+    assert SegDataset(fed.clients[1]["test_list"], 32, "eval")[0][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("synthetic, differs", [
+    ("{public: 4, per_client: 6, seed: 1}", "seed: 0 on disk, 1 requested"),
+    ("{public: 4, per_client: 6, size: 32}", "native size: 64 on disk, 32 requested"),
+    ("{public: 4, per_client: 7}", "site 'A': 6 images on disk, 7 requested"),
+])
+def test_synthetic_folder_made_with_other_parameters_is_a_clear_error(tmp_path, synthetic, differs):
+    load_federation(load_config(None, _syn_over(tmp_path) + ["data.size=32"]))
+    with pytest.raises(DataError) as e:
+        load_federation(load_config(None, _syn_over(tmp_path, synthetic) + ["data.size=32"]))
+    msg = str(e.value)
+    assert f"{tmp_path / 'syn'} holds synthetic data made with other parameters" in msg and differs in msg
+    assert "delete the folder" in msg.lower() and "data.synthetic" in msg
+    other = ["data.clients=[A, C]", "models.clients=[resnet18, resnet18]"]
+    with pytest.raises(DataError, match="site 'B': 6 images on disk, not requested; "
+                                        "site 'C': requested \\(6 images\\), not on disk"):
+        load_federation(load_config(None, _syn_over(tmp_path) + other))
+
+
+@pytest.mark.parametrize("bad", ["{public: 4, per_client: 6, size: 0}", "{public: 4, per_client: 6, size: true}",
+                                 "{public: 4, per_client: 6, size: 4}", "{public: 0, per_client: 6}",
+                                 "{public: 4, per_client: 6, sise: 32}", "{public: 4}",
+                                 "{public: 4, per_client: 6, seed: -1}"])
+def test_synthetic_config_is_checked(bad):
+    with pytest.raises(ConfigError, match="data.synthetic: must be null or .*size: PX"):
+        load_config(None, [f"data.synthetic={bad}"])
+    assert load_config(None, ["data.synthetic={public: 4, per_client: 6, seed: 2, size: 40}"]).data.synthetic[
+        "size"] == 40
