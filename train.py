@@ -43,7 +43,7 @@ def main(argv=None):
     a = parse_args(argv)
 
     from datasets.federation import DataError
-    from fed.engine import RunDirError, train
+    from fed.run import RunDirError, train
     from utils.checkpoint import CheckpointError
     from fed import load_config
     from utils.config import ConfigError

@@ -1,11 +1,12 @@
-"""Round time, throughput and peak memory of a config.
+"""Round time per phase, bytes exchanged, throughput and peak memory of a config.
 
     python bench/round_time.py --config configs/demo.yaml [--set key=value ...] [--rounds 2]
 
 Builds the federation (no run directory is written), then times ``--rounds`` warm-up rounds and
 ``--rounds`` semi-supervised rounds of the configured method, plus one validation pass. Prints seconds
-per round, images per second (images through a model forward, all parties; a feature-perturbed
-forward counts its batch once) and peak memory (process RSS; CUDA allocator peak on GPU).
+per round and per phase (condensation, fusion, local...), bytes each client sends and receives per
+round (the protocol's accounting), images per second (images through a model forward, all parties; a
+feature-perturbed forward counts its batch once) and peak memory (process RSS; CUDA allocator peak).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from datasets.federation import load_federation  # noqa: E402
-from fed.engine import Federation, evaluate_split  # noqa: E402
 from fed import load_config  # noqa: E402
+from fed.run import evaluate_split  # noqa: E402
+from fed.runner import make_runner  # noqa: E402
 
 
 def _sync(dev):
@@ -32,40 +34,51 @@ def _sync(dev):
 
 
 def bench(cfg, rounds: int = 1) -> dict:
-    fed = Federation(cfg, load_federation(cfg))
+    runner = make_runner(cfg, load_federation(cfg))
     counter = {"images": 0}
-    models = [fed.server.model] + [c.model for c in fed.clients]
-    for m in models:
+    models = [runner.server_party.model] + [p.model for p in getattr(runner, "parties", {}).values()]
+    for m in models:  # in-process parties only (client_workers: 0)
         m.register_forward_pre_hook(lambda mod, args: counter.__setitem__("images", counter["images"] + args[0].shape[0]))
-    dev = fed.device
+    dev = runner.device
     out = {"config": cfg.get("_source"), "device": str(dev), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "size": cfg.data.size, "batch_size": cfg.data.batch_size, "method": cfg.method,
-           "server": cfg.models.server, "clients": list(cfg.models.clients)}
+           "server": cfg.models.server, "clients": list(cfg.models.clients),
+           "client_workers": cfg.train.client_workers}
     if dev.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    phases = ([("warmup", 0), ("ssl", cfg.train.warmup_rounds)] if fed.method.uses_warmup
+    phases = ([("warmup", 0), ("ssl", cfg.train.warmup_rounds)] if runner.method.uses_warmup
               else [("ssl", 0)])
-    for phase, rnd in phases:
-        times, images = [], []
-        for _ in range(rounds):
-            fed.begin_round()
-            counter["images"] = 0
-            _sync(dev)
-            t = time.perf_counter()
-            fed.method.round(rnd)
-            _sync(dev)
-            times.append(time.perf_counter() - t)
-            images.append(counter["images"])
-        out[f"{phase}_round_s"] = round(sum(times) / len(times), 3)
-        out[f"{phase}_images_per_s"] = round(sum(images) / sum(times), 2)
-        out[f"{phase}_images_per_round"] = images[0]
-    _sync(dev)
-    t = time.perf_counter()
-    evaluate_split(fed, "val")
-    _sync(dev)
-    out["val_pass_s"] = round(time.perf_counter() - t, 3)
+    try:
+        for phase, rnd in phases:
+            times, images, parts = [], [], []
+            for _ in range(rounds):
+                counter["images"] = 0
+                _sync(dev)
+                t = time.perf_counter()
+                rec = runner.run_round(rnd)
+                _sync(dev)
+                times.append(time.perf_counter() - t)
+                images.append(counter["images"])
+                parts.append(rec)
+            out[f"{phase}_round_s"] = round(sum(times) / len(times), 3)
+            for name in parts[0]["phase_s"]:
+                out[f"{phase}_{name}_s"] = round(sum(p["phase_s"][name] for p in parts) / len(parts), 3)
+            up = [b["up"] for b in parts[0]["bytes"].values()]
+            down = [b["down"] for b in parts[0]["bytes"].values()]
+            out[f"{phase}_bytes_up_per_client"] = up
+            out[f"{phase}_bytes_down_per_client"] = down
+            if images[0]:
+                out[f"{phase}_images_per_s"] = round(sum(images) / sum(times), 2)
+                out[f"{phase}_images_per_round"] = images[0]
+        _sync(dev)
+        t = time.perf_counter()
+        evaluate_split(runner, "val")
+        _sync(dev)
+        out["val_pass_s"] = round(time.perf_counter() - t, 3)
+    finally:
+        runner.close()
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if dev.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)

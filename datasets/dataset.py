@@ -5,14 +5,13 @@ code with PIL) and, with ``cache=True``, kept in memory as uint8: later epochs o
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from .transforms import geometric, mask_tensor, randaugment, to_tensor
 
@@ -30,42 +29,11 @@ def load_pair(img_path: Path, mask_path: Optional[Path], size: int):
     return img, mask
 
 
-def sample_seed(*parts: int) -> int:
-    """A 32-bit seed from integers, stable across Python versions and processes."""
-    h = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=4)
-    return int.from_bytes(h.digest(), "little")
-
-
-class SeededSampler(Sampler):
-    """Yields ``(index, seed)`` pairs; each pass over the data is one epoch of this stream.
-
-    The order (identity, or a shuffle when ``shuffle``) and each sample's augmentation seed depend
-    only on ``(base_seed, stream, epoch, index)``. ``epoch`` is the only state and is saved in
-    checkpoints, so a resumed run sees exactly the same batches.
-    """
-
-    def __init__(self, n: int, base_seed: int, stream: int, shuffle: bool = False):
-        self.n, self.base_seed, self.stream, self.shuffle = n, base_seed, stream, shuffle
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        epoch = self.epoch
-        self.epoch += 1
-        order = np.arange(self.n)
-        if self.shuffle:
-            order = np.random.default_rng(sample_seed(self.base_seed, self.stream, epoch, -1)).permutation(self.n)
-        for i in order:
-            yield int(i), sample_seed(self.base_seed, self.stream, epoch, int(i))
-
-
 class SegDataset(Dataset):
     """``mode``: ``'labeled'`` -> (image, mask, name) with rotation/flips; ``'eval'`` -> (image, mask,
     name) without augmentation; ``'unlabeled'`` -> (weak, strong, name).
 
-    Indexed by ``(index, seed)`` (from :class:`SeededSampler`) or by a plain index (seed 0).
+    Indexed by ``(index, seed)`` (from :class:`datasets.sampler.KeyedSampler`) or by a plain index (seed 0).
     """
 
     MODES = ("labeled", "unlabeled", "eval")

@@ -9,7 +9,7 @@
   draw by construction;
 - val/test: none.
 
-All randomness comes from one per-sample seed (see :class:`datasets.dataset.SeededSampler`), so a
+All randomness comes from one per-sample seed (see :class:`datasets.sampler.KeyedSampler`), so a
 run repeats exactly, with any number of loader workers, and resumes exactly. The rotation, each flip
 and the crop are drawn *independently* of each other (as in the official code): albumentations 2's
 ``Compose.set_random_seed(seed)`` hands the same seed to every child transform, so every child would

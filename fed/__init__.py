@@ -1,4 +1,5 @@
-"""Federated simulation: parties (``client.py``, ``server.py``), methods (one file each), engine.
+"""Federated learning as a protocol: parties (``party.py``), methods (one file each), the runner that
+carries their messages (``runner.py``) and the training run (``run.py``).
 
 Adding a method = one file with a :class:`fed.base.Method` subclass + one line in ``METHODS``.
 """

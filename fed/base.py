@@ -1,14 +1,20 @@
 """The method interface and the helpers every method shares.
 
-A method is a small class registered in ``fed/__init__.py``::
+A method is one file with a small class registered in ``fed/__init__.py``::
 
     class MyMethod(Method):
         name = "mymethod"
-        def round(self, rnd: int) -> None: ...   # one communication round
+        sends = {"up": "what a client sends", "down": "what the server sends"}
 
-It reaches the simulation through ``self.fed`` (a :class:`fed.engine.Federation`): ``fed.server``
-(model + public loader), ``fed.clients`` (models + local loaders), ``fed.cfg``, ``fed.noise(x)`` and
-``fed.log`` (loss bookkeeping). Evaluation, checkpoints, logging and resuming are the engine's job.
+        def run_round(self, r, rnd):              # the protocol of one round
+            with r.phase("local"):
+                r.clients("local", rnd=rnd)       # runs self.local(client, None, rnd=rnd) on each client
+
+        def local(self, party, msg, rnd): ...      # a step: one party, one message in, one reply out
+
+A step sees only its own :class:`fed.party.Party` and the message it was sent; the runner
+(:mod:`fed.runner`) carries messages, counts their bytes and times the phases. Evaluation,
+checkpoints, logging and resuming are the run's job (:mod:`fed.run`).
 """
 from __future__ import annotations
 
@@ -16,36 +22,26 @@ from collections import defaultdict
 from typing import Dict, List
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
 class LossLog:
-    """Running means of loss terms per party within a round (kept on the device: no sync per step)."""
+    """Running means of loss terms within a round (kept on the device: no sync per step)."""
 
     def __init__(self):
-        self._sum: Dict[str, Dict[str, torch.Tensor]] = defaultdict(dict)
-        self._n: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._sum: Dict[str, torch.Tensor] = {}
+        self._n: Dict[str, int] = defaultdict(int)
 
-    def add(self, party: str, **terms: torch.Tensor) -> None:
+    def add(self, **terms: torch.Tensor) -> None:
         for k, v in terms.items():
             v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-            self._sum[party][k] = self._sum[party].get(k, 0) + v
-            self._n[party][k] += 1
+            self._sum[k] = self._sum.get(k, 0) + v
+            self._n[k] += 1
 
-    def means(self) -> Dict[str, Dict[str, float]]:
-        return {p: {k: float(s) / self._n[p][k] for k, s in terms.items()} for p, terms in self._sum.items()}
-
-    def non_finite(self):
-        """``(party, term)`` of the first loss term whose sum is NaN or infinite, else None."""
-        for p, terms in self._sum.items():
-            for k, s in terms.items():
-                if not torch.isfinite(torch.as_tensor(s)).all():
-                    return p, k
-        return None
-
-    def drop(self, party: str) -> None:
-        self._sum.pop(party, None)
-        self._n.pop(party, None)
+    def means(self) -> Dict[str, float]:
+        """Mean of each term (NaN or inf where a step's loss was not finite)."""
+        return {k: float(s) / self._n[k] for k, s in self._sum.items()}
 
 
 def one_hot(labels: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
@@ -67,33 +63,30 @@ def rpg_correct(mask_logits: torch.Tensor, confidence_logits: torch.Tensor, thre
 
 
 class Method:
-    """Base class: subclasses implement :meth:`round`."""
+    """Base class: subclasses implement :meth:`run_round` and the steps it names."""
 
     name = "base"
     #: True when all clients share one global model (FedAvg): evaluation and checkpoints use it.
     shared_model = False
     #: False when the method ignores ``train.warmup_rounds`` (no round is logged as warm-up).
     uses_warmup = True
+    #: what crosses between the parties, in words (README, logs)
+    sends = {"up": "nothing", "down": "nothing"}
 
-    def __init__(self, fed):
-        self.fed = fed
-        self.cfg = fed.cfg
+    def __init__(self, cfg):
+        self.cfg = cfg
 
     @classmethod
     def check_config(cls, cfg) -> List[str]:
         """Problems with ``cfg`` specific to this method (reported before anything runs)."""
         return []
 
-    def round(self, rnd: int) -> None:
+    def run_round(self, r, rnd: int) -> None:
         raise NotImplementedError
 
-    def eval_model(self, k: int) -> torch.nn.Module:
-        """The model scored on client ``k``'s val/test data."""
-        return self.fed.clients[k].model
+    def warm(self, rnd: int) -> bool:
+        return self.uses_warmup and rnd < self.cfg.train.warmup_rounds
 
-    def state_dict(self) -> dict:
-        """Extra state of the method to checkpoint (none by default)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def eval_model(self, party) -> nn.Module:
+        """The model scored on a client's val/test data (on the client's side)."""
+        return party.model

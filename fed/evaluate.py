@@ -14,13 +14,13 @@ from utils.metrics import ScoreBook, batch_scores, hd95
 @torch.no_grad()
 def score_model(model: torch.nn.Module, loader, amp, book: ScoreBook, group: str,
                 with_hd95: bool = False, overlay_dir: Optional[Path] = None, overlays: int = 0) -> ScoreBook:
-    """Add one row per image of ``loader`` to ``book`` under ``group``."""
+    """Add one row per image of ``loader`` to ``book`` under ``group``. Scored in fp32 (no autocast,
+    as the official code): mixed precision is for training only."""
     model.eval()
     saved = 0
     for x, y, names in loader:
         x = amp.to_device(x)
-        with amp.autocast():
-            logits = model(x)["mask"]
+        logits = model(x)["mask"]
         pred = logits.argmax(1).cpu()
         gt = y[:, 0].long()
         scores = batch_scores(pred, gt)

@@ -6,11 +6,13 @@ Shared by ``hssf``, ``lssl`` and ``local``:
 * unlabeled batches: weak view ``w`` (with feature perturbation) and strong view ``s`` (+ noise). The
   pseudo-label of each pixel comes from the view whose SA confidence is higher (ties: weak); **RPG**
   flips it where both confidences are below ``rpg_threshold``; the **sample gate** keeps images whose
-  mean confidence exceeds ``sample_threshold``. Loss = FP consistency(w_clean, w_perturbed) +
-  sum over v in {w_clean, s} of [pixel CE(v, pseudo) * gate + seg(v, pseudo, gate)], times
-  ``unlabel_theta``.
+  mean confidence exceeds ``sample_threshold`` (:func:`pseudo_label`). Loss = FP consistency(w_clean,
+  w_perturbed) + sum over v in {w_clean, s} of [pixel CE(v, pseudo) * gate + seg(v, pseudo, gate)],
+  times ``unlabel_theta``.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
@@ -19,30 +21,44 @@ from utils.losses import confidence_loss, fp_consistency_loss, pixel_ce, structu
 from .base import one_hot
 
 
-def supervised_pass(party, loader, fed, tag: str = "sup") -> None:
-    """One pass of ``seg + confide_theta * SA`` on labeled batches."""
-    h, amp = fed.cfg.hssf, party.amp
+def pseudo_label(p_w: torch.Tensor, p_s: torch.Tensor, conf_w: torch.Tensor, conf_s: torch.Tensor,
+                 rpg: bool, rpg_threshold: float, sample_threshold: float
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Pseudo-labels (B,H,W) and the sample gate (B,) (None without RPG).
+
+    ``p_w``/``p_s``: mask logits of the weak/strong view; ``conf_w``/``conf_s``: sigmoid SA confidence
+    (B,H,W). Each pixel takes the argmax of the more confident view (ties: weak); with ``rpg`` it is
+    flipped where the higher confidence is below ``rpg_threshold``, and an image passes the gate when
+    its mean higher confidence exceeds ``sample_threshold``.
+    """
+    conf = torch.maximum(conf_w, conf_s)
+    pseudo = torch.where(conf_w < conf_s, p_s.argmax(1), p_w.argmax(1))
+    if not rpg:
+        return pseudo, None
+    pseudo = torch.where(conf < rpg_threshold, 1 - pseudo, pseudo)
+    return pseudo, conf.mean(dim=(1, 2)) > sample_threshold
+
+
+def supervised_pass(party, which: str, rnd: int, phase: str, epoch: int, h, tag: str = "sup") -> None:
+    """One keyed pass of ``seg + confide_theta * SA`` over the labeled loader ``which``."""
     party.model.train()
-    for x, y, _ in loader:
-        x, y = amp.to_device(x), amp.to_device(y)
+    for _, x, y in party.batches(which, rnd, phase, epoch):
         target = one_hot(y)
         out = party.forward(x)
         seg = structure_loss(out["mask"], target)
         sa = confidence_loss(out["mask"].detach(), out["confidence"], target)
-        loss = seg + h.confide_theta * sa
-        party.step(loss)
-        fed.log.add(party.name, **{f"{tag}_seg": seg, f"{tag}_sa": sa})
+        party.step(seg + h.confide_theta * sa)
+        party.log.add(**{f"{tag}_seg": seg, f"{tag}_sa": sa})
 
 
-def unlabeled_pass(client, loader, fed) -> None:
-    """One pass over unlabeled (weak, strong) batches with SA-selected, RPG-corrected pseudo-labels."""
-    h, amp = fed.cfg.hssf, client.amp
-    client.model.train()
+def unlabeled_pass(party, rnd: int, epoch: int, h) -> None:
+    """One keyed pass over unlabeled (weak, strong + noise) batches with SA-selected, RPG-corrected
+    pseudo-labels."""
+    party.model.train()
     fp = h.feature_perturbation
-    for w, s, _ in loader:
-        w, s = amp.to_device(w), fed.noise(amp.to_device(s))
-        out_s = client.forward(s)
-        out_w = client.forward(w, need_fp=fp)
+    for _, w, s in party.batches("unlabeled", rnd, "local_unlabeled", epoch, noisy=1):
+        out_s = party.forward(s)
+        out_w = party.forward(w, need_fp=fp)
         p_s = out_s["mask"]
         conf_s = torch.sigmoid(out_s["confidence"][:, 0]).detach()
         if fp:
@@ -51,12 +67,8 @@ def unlabeled_pass(client, loader, fed) -> None:
         else:
             p_w, p_fp = out_w["mask"], None
             conf_w = torch.sigmoid(out_w["confidence"][:, 0]).detach()
-        conf = torch.maximum(conf_w, conf_s)
-        pseudo = torch.where(conf_w < conf_s, p_s.detach().argmax(1), p_w.detach().argmax(1))
-        gate = None
-        if h.rpg:
-            pseudo = torch.where(conf < h.rpg_threshold, 1 - pseudo, pseudo)
-            gate = conf.mean(dim=(1, 2)) > h.sample_threshold
+        pseudo, gate = pseudo_label(p_w.detach(), p_s.detach(), conf_w, conf_s, h.rpg, h.rpg_threshold,
+                                    h.sample_threshold)
         target = one_hot(pseudo)
         terms = {}
         if fp:
@@ -64,6 +76,20 @@ def unlabeled_pass(client, loader, fed) -> None:
         terms["weak"] = pixel_ce(p_w, pseudo, gate) + structure_loss(p_w, target, gate)
         terms["strong"] = pixel_ce(p_s, pseudo, gate) + structure_loss(p_s, target, gate)
         loss = h.unlabel_theta * sum(terms.values())
-        client.step(loss)
+        party.step(loss)
         kept = gate.float().mean() if gate is not None else torch.ones(())
-        fed.log.add(client.name, **{f"unl_{k}": v for k, v in terms.items()}, unl_kept=kept)
+        party.log.add(**{f"unl_{k}": v for k, v in terms.items()}, unl_kept=kept)
+
+
+def local_epochs(party, rnd: int, cfg, labeled: str, unlabeled: bool) -> None:
+    """``train.local_epochs`` passes of the local step, each followed by one scheduler step.
+
+    ``labeled``: the loader of labeled data (``"labeled"``: the client's own, ``"public"``: the public
+    set, as ``lssl`` and ``local`` use it); ``unlabeled``: whether the unlabeled pass runs.
+    """
+    for e in range(cfg.train.local_epochs):
+        if party.has(labeled):
+            supervised_pass(party, labeled, rnd, f"local_{labeled}", e, cfg.hssf)
+        if unlabeled and party.has("unlabeled"):
+            unlabeled_pass(party, rnd, e, cfg.hssf)
+        party.scheduler.step()

@@ -1,24 +1,26 @@
 """LSSL: the official homogeneous baseline (FedAvg + local semi-supervised learning).
 
-Each round: uniform FedAvg of every state-dict entry of the client models (BatchNorm buffers
-included) into the global model, which is then loaded into every client; then every client runs the
-local step of :mod:`fed.local_ssl` with the *public* labeled set as its labeled data (plus its own
-unlabeled data after the warm-up). The global model is the one evaluated and checkpointed.
-All clients and the server must share one architecture.
+Each round: every client sends its weights; the server takes the uniform average of every state-dict
+entry (BatchNorm buffers included) as the global model and sends it back; every client loads it and
+runs the local step of :mod:`fed.local_ssl` with the *public* labeled set as its labeled data (plus its
+own unlabeled data after the warm-up). The global model is the one evaluated (each client keeps the
+copy it received) and checkpointed. All clients and the server must share one architecture.
 """
 from __future__ import annotations
 
-from typing import List
+import copy
+from typing import Dict, List
 
 import torch
 
 from .base import Method
-from .local_ssl import supervised_pass, unlabeled_pass
+from .local_ssl import local_epochs
 
 
 @torch.no_grad()
 def fedavg(state_dicts: List[dict], weights=None) -> dict:
-    """Weighted average of every entry (integer buffers are averaged and rounded back)."""
+    """Weighted average of every entry, accumulated in float64 in list order (integer buffers are
+    averaged and rounded back)."""
     n = len(state_dicts)
     weights = weights or [1.0 / n] * n
     out = {}
@@ -31,6 +33,7 @@ def fedavg(state_dicts: List[dict], weights=None) -> dict:
 class LSSL(Method):
     name = "lssl"
     shared_model = True
+    sends = {"up": "model weights (every state-dict entry)", "down": "the averaged global weights"}
 
     @classmethod
     def check_config(cls, cfg):
@@ -40,24 +43,27 @@ class LSSL(Method):
                     f"must be one architecture (got {', '.join(sorted(archs))})"]
         return []
 
-    def round(self, rnd: int) -> None:
-        fed = self.fed
-        clients = fed.active_clients()
-        avg = fedavg([c.model.state_dict() for c in clients])
-        fed.server.model.load_state_dict(avg)
-        for c in fed.clients:
-            c.model.load_state_dict(avg)
-        warm = rnd < self.cfg.train.warmup_rounds
-        for _ in range(self.cfg.train.local_epochs):
-            for c in fed.clients:
-                fed.run_client(c, lambda c=c: self.local(c, warm))
-            for c in fed.clients:
-                c.scheduler.step()
+    def run_round(self, r, rnd: int) -> None:
+        with r.phase("aggregation"):
+            replies: Dict[int, dict] = r.clients("send_weights", rnd=rnd)
+            avg = r.server("aggregate", [replies[k] for k in sorted(replies)])  # client order: exact
+        with r.phase("local"):
+            r.clients("local", avg, rnd=rnd, warm=self.warm(rnd))
 
-    def local(self, client, warm: bool) -> None:
-        supervised_pass(client, self.fed.server.public, self.fed)
-        if not warm and client.unlabeled is not None:
-            unlabeled_pass(client, client.unlabeled, self.fed)
+    def send_weights(self, client, msg, rnd: int) -> dict:
+        return {k: v.detach().clone() for k, v in client.model.state_dict().items()}
 
-    def eval_model(self, k: int):
-        return self.fed.server.model
+    def aggregate(self, server, weights: List[dict]) -> dict:
+        avg = fedavg(weights)
+        server.model.load_state_dict(avg)
+        return avg
+
+    def local(self, client, avg: dict, rnd: int, warm: bool) -> None:
+        client.model.load_state_dict(avg)
+        if "global" not in client.extra:
+            client.extra["global"] = copy.deepcopy(client.model)
+        client.extra["global"].load_state_dict(avg)
+        local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=not warm)
+
+    def eval_model(self, party):
+        return party.extra.get("global", party.model)

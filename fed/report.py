@@ -47,19 +47,17 @@ def checkpoint_paths(cfg, ckpt_dir, which: str = "best"):
     return paths
 
 
-def evaluate_checkpoints(cfg, ckpt_dir, out_dir, fed=None, split: str = "test", which: str = "best",
-                         overlays: int = 8, progress: bool = True) -> dict:
-    """Score the checkpoints of every client on ``split``; write the reports into ``out_dir``."""
+def evaluate_checkpoints(cfg, ckpt_dir, out_dir, data=None, device=None, split: str = "test",
+                         which: str = "best", overlays: int = 8, progress: bool = True) -> dict:
+    """Score the checkpoints of every client on ``split`` (fp32); write the reports into ``out_dir``.
+
+    ``data``: the run's resolved file lists (default: resolved from ``cfg``)."""
     out_dir = Path(out_dir)
     paths = checkpoint_paths(cfg, ckpt_dir, which)
-    if fed is not None:
-        data_items = [list(getattr(c, split).dataset.items) for c in fed.clients]
-        amp, device = fed.amp, fed.device
-    else:
-        data = load_federation(cfg)
-        data_items = [c[SPLIT_KEYS[split]] for c in data.clients]
-        device = resolve_device(cfg.device)
-        amp = Amp.for_device(device, cfg.train.amp, cfg.train.channels_last)
+    data = data if data is not None else load_federation(cfg)
+    data_items = [c[SPLIT_KEYS[split]] for c in data.clients]
+    device = device if device is not None else resolve_device(cfg.device)
+    amp = Amp.for_device(device, cfg.train.amp, cfg.train.channels_last)
     book = ScoreBook()
     from tqdm import tqdm
 

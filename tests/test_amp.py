@@ -2,7 +2,7 @@
 import torch
 
 import networks
-from fed.client import Party
+from fed.party import Party
 from fed.base import one_hot
 from utils.config import load_config
 from utils.device import Amp
@@ -13,7 +13,7 @@ def test_autocast_party_returns_fp32_and_trains():
     cfg = load_config()
     amp = Amp(torch.device("cpu"), enabled=True, dtype=torch.bfloat16)
     torch.manual_seed(0)
-    party = Party("p", "tiny", networks.build_model("tiny"), cfg.train, amp, period=10)
+    party = Party("p", "tiny", networks.build_model("tiny"), cfg, amp, loaders={})
     x = torch.randn(2, 3, 32, 32)
     y = one_hot((torch.rand(2, 32, 32) > 0.7).long())
     out = party.forward(x, need_fp=True)
@@ -33,3 +33,22 @@ def test_amp_settings_per_device():
     if torch.cuda.is_available():
         gpu = Amp.for_device(torch.device("cuda"), amp=True)
         assert gpu.enabled and gpu.dtype in (torch.bfloat16, torch.float16)
+
+
+def test_scoring_runs_in_fp32_even_with_amp():
+    """Validation and test scores are computed without autocast, as the official code (AMP is for
+    training only)."""
+    from fed.evaluate import score_model
+    from utils.metrics import ScoreBook
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, need_fp=False):
+            seen.append((torch.is_autocast_enabled("cpu"), x.dtype))
+            return {"mask": torch.stack([-x[:, 0], x[:, 0]], 1), "confidence": x[:, :1]}
+
+    amp = Amp(torch.device("cpu"), enabled=True, dtype=torch.bfloat16)
+    loader = [(torch.randn(2, 3, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float(), ["a", "b"])]
+    book = score_model(Probe(), loader, amp, ScoreBook(), "g")
+    assert seen == [(False, torch.float32)] and len(book.rows) == 2

@@ -7,7 +7,8 @@ import PIL.Image
 import pytest
 import torch
 
-from datasets.dataset import SeededSampler, SegDataset
+from datasets.dataset import SegDataset
+from datasets.sampler import KeyedSampler
 from datasets.federation import DataError, load_federation
 from datasets.sites import scan_site
 from datasets.splits import generate_split, load_split, official_split_name
@@ -67,17 +68,18 @@ def test_pairs_by_stem_across_extensions(tmp_path):
     assert any("duplicate stem 'x2'" in p for p in site.problems)
 
 
-def test_seeded_sampler_is_a_function_of_seed_stream_epoch():
-    a, b = SeededSampler(6, 0, 1, shuffle=True), SeededSampler(6, 0, 1, shuffle=True)
-    ea, eb = list(a), list(b)
-    assert ea == eb and sorted(i for i, _ in ea) == list(range(6))
-    assert list(a) != ea  # next epoch: new order and seeds
-    c = SeededSampler(6, 0, 1, shuffle=True)
-    c.epoch = 1  # restored state
-    b_next = list(b)
-    assert list(c) == b_next
-    assert [i for i, _ in SeededSampler(4, 0, 2)] == [0, 1, 2, 3]  # no shuffle: official order
-    assert list(SeededSampler(4, 0, 2)) != list(SeededSampler(4, 0, 3))  # streams differ
+def test_keyed_sampler_is_a_function_of_its_key_only():
+    key = (0, 3, "client1", "local_unlabeled", 0)
+    a, b = KeyedSampler(6, shuffle=True).set_key(*key), KeyedSampler(6, shuffle=True).set_key(*key)
+    ea = list(a)
+    assert ea == list(b) and sorted(i for i, _ in ea) == list(range(6))
+    assert list(a) == ea  # no hidden state: the same key gives the same pass again
+    assert list(a.set_key(0, 3, "client1", "local_unlabeled", 1)) != ea  # next epoch: new order and seeds
+    assert list(KeyedSampler(6, shuffle=True).set_key(0, 3, "client0", "local_unlabeled", 0)) != ea  # party
+    assert [i for i, _ in KeyedSampler(4).set_key(*key)] == [0, 1, 2, 3]  # no shuffle: official order
+    assert len({s for _, s in KeyedSampler(50).set_key(*key)}) == 50  # a distinct seed per sample
+    with pytest.raises(RuntimeError, match="set_key"):
+        list(KeyedSampler(3))
 
 
 def _square_items(tmp_path, n=3, size=40):

@@ -65,9 +65,17 @@ def _device(v):
 def _synthetic(v):
     if v is None:
         return None
-    if not isinstance(v, dict) or set(v) - {"public", "per_client", "seed"} or \
-            not all(isinstance(x, int) and x > 0 for k, x in v.items() if k != "seed"):
-        return "must be null or {public: N, per_client: N, seed: S} with positive counts"
+    form = "must be null or {public: N, per_client: N, seed: S, size: PX} (seed and size optional)"
+    if not isinstance(v, dict) or set(v) - {"public", "per_client", "seed", "size"} or \
+            not {"public", "per_client"} <= set(v):
+        return form
+    ints = {k: isinstance(x, int) and not isinstance(x, bool) for k, x in v.items()}
+    if not all(ints[k] and v[k] > 0 for k in ("public", "per_client")):
+        return form + "; the counts must be integers > 0"
+    if "size" in v and not (ints["size"] and v["size"] >= 8):
+        return form + "; size must be an integer >= 8 (pixels)"
+    if "seed" in v and not (ints["seed"] and v["seed"] >= 0):
+        return form + "; seed must be an integer >= 0"
     return None
 
 
@@ -108,8 +116,10 @@ SCHEMA: Dict[str, Any] = {
         "public_noise": Key(0.1, float, "Std of the Gaussian noise (clamped to +-2 std) added to public "
                             "batches in Condensation/Fusion and to strong views; 0 disables.",
                             check=_nonneg),
-        "synthetic": Key(None, dict, "`null`, or `{public: N, per_client: N, seed: S}`: generate "
-                         "synthetic sites under `root/dataset` on first use (demo, tests).",
+        "synthetic": Key(None, dict, "`null`, or `{public: N, per_client: N, seed: S, size: PX}`: "
+                         "generate synthetic sites under `root/dataset` on first use (demo, tests), once, "
+                         "at their native size `size` (default 64; `seed` default 0); any `data.size` "
+                         "then resizes them. A folder made with other counts, seed or size is an error.",
                          nullable=True, check=_synthetic),
     },
     "models": {
@@ -141,6 +151,13 @@ SCHEMA: Dict[str, Any] = {
                                "work is logged with its traceback, that client sits the round out (its "
                                "model and optimizer go back to the round's start) and the round completes.",
                                choices=["stop", "skip_client"]),
+        "client_workers": Key(0, int, "0: every party in this process, clients one after another. N > 0: "
+                              "the clients live in N worker processes (client k in worker k mod N; one "
+                              "per GPU where several are present) and the clients of a phase run "
+                              "concurrently. Randomness is keyed, so results are the same (bit-identical on "
+                              "CPU with the same threads per process).", check=_nonneg),
+        "worker_threads": Key(0, int, "torch threads of each client worker process (0: this process's "
+                              "threads divided by `client_workers`).", check=_nonneg),
     },
     "hssf": {
         "confide_theta": Key(4.0, float, "Weight of the Self-Assessment loss.", check=_nonneg),

@@ -1,0 +1,181 @@
+"""A party of the federation (the server or a client): everything it owns, and nothing else.
+
+A :class:`Party` holds its model, optimizer, cosine schedule, AMP scaler, its loaders and its loss log.
+Its random draws come from keyed streams (:mod:`utils.rng`): a loader pass is keyed by
+``(seed, round, stream, phase, epoch)`` and, before batch ``b``, torch's generators (dropout, feature
+perturbation) are seeded with ``(seed, round, party, phase, epoch, b)``. Nothing of another party is
+reachable from here: methods move data between parties only as messages (see :mod:`fed.runner`).
+
+Every party holds the public labeled set: the server trains on it in Condensation, the clients in
+Fusion (and as labeled data in ``lssl``/``local``); a client rebuilds the server's noisy, augmented
+public batches itself from their key (stream ``"public"``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+
+from datasets.dataset import SegDataset, collate_names
+from datasets.sampler import KeyedSampler
+from utils.device import Amp
+from utils.io import atomic_torch_save, snapshot
+from utils.metrics import ScoreBook
+from utils.rng import clamped_noise, seed_torch
+
+from .base import LossLog
+from .evaluate import score_model
+
+PUBLIC = "public"  # the stream of the public batches that every party rebuilds identically
+
+
+def cosine_factor(period: int, floor: float):
+    """Official schedule: ``((1 + cos(pi x / period)) / 2) * (1 - floor) + floor``."""
+    return lambda x: ((1 + math.cos(x * math.pi / period)) / 2) * (1 - floor) + floor
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True}  # one kernel for all parameters: ~4x faster steps on CPU and GPU
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fused)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def build_loader(dataset: SegDataset, data_cfg, device: torch.device) -> DataLoader:
+    """Training datasets get a :class:`KeyedSampler` (drop_last); eval datasets a plain ordered pass."""
+    train = dataset.mode != "eval"
+    drop_last = train or (data_cfg.eval_drop_last and len(dataset) >= data_cfg.batch_size)
+    sampler = KeyedSampler(len(dataset), shuffle=data_cfg.shuffle) if train else None
+    return DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler, shuffle=False,
+                      drop_last=drop_last, num_workers=data_cfg.num_workers, collate_fn=collate_names,
+                      pin_memory=device.type == "cuda")
+
+
+class Party:
+    """``name``: ``"server"`` or ``"client{k}"``; ``loaders``: name -> DataLoader (``public``,
+    ``labeled``, ``unlabeled``, ``val``, ``test``; absent or None where a split is empty)."""
+
+    def __init__(self, name: str, arch: str, model: nn.Module, cfg, amp: Amp,
+                 loaders: Dict[str, Optional[DataLoader]], index: Optional[int] = None, site: str = ""):
+        t = cfg.train
+        self.name, self.arch, self.amp, self.index, self.site = name, arch, amp, index, site
+        self.seed, self.noise_std = cfg.seed, cfg.data.public_noise
+        self.model = model.to(amp.device)
+        if amp.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, t.optimizer, t.lr, t.weight_decay)
+        period = t.rounds * max(1, t.condensation_epochs)
+        self.scheduler = LambdaLR(self.optimizer, cosine_factor(period, t.lr_final_factor))
+        self.scaler = torch.amp.GradScaler(amp.device.type, enabled=amp.needs_scaler)
+        self.loaders = {k: v for k, v in loaders.items() if v is not None}
+        self.log = LossLog()
+        # what a method keeps on the party between its steps (lssl: the global model it received);
+        # rebuilt by the method within each round, so not part of the training state
+        self.extra: Dict[str, nn.Module] = {}
+        self._round_start = None
+
+    # --- computing ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, need_fp: bool = False) -> dict:
+        with self.amp.autocast():
+            out = self.model(x, need_fp=need_fp)
+        if not self.amp.enabled:
+            return out
+        f = lambda t: t.float()  # losses in fp32
+        mask = tuple(map(f, out["mask"])) if isinstance(out["mask"], tuple) else f(out["mask"])
+        return {"mask": mask, "confidence": f(out["confidence"])}
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def has(self, which: str) -> bool:
+        return which in self.loaders
+
+    def batches(self, which: str, rnd: int, phase: str, epoch: int, stream: Optional[str] = None,
+                noisy: Optional[int] = None) -> Iterator[tuple]:
+        """One keyed pass over loader ``which``: yields ``(b, first, second)`` on the device
+        (labeled: image, mask; unlabeled: weak, strong).
+
+        The batches are keyed by ``(seed, rnd, stream or self.name, phase, epoch)``; ``noisy``: index
+        (0 or 1) of the tensor that gets ``data.public_noise`` noise, keyed by the same plus ``b``.
+        Before each batch torch's generators are seeded from ``(seed, rnd, self.name, phase, epoch, b)``.
+        """
+        loader = self.loaders[which]
+        stream = stream or self.name
+        loader.sampler.set_key(self.seed, rnd, stream, phase, epoch)
+        for b, (first, second, _) in enumerate(loader):
+            pair = [first, second]
+            if noisy is not None and self.noise_std > 0:
+                pair[noisy] = pair[noisy] + clamped_noise(pair[noisy].shape, self.noise_std,
+                                                          self.seed, rnd, stream, phase, epoch, b, "noise")
+            seed_torch(self.seed, rnd, self.name, phase, epoch, b)
+            yield b, self.amp.to_device(pair[0]), self.amp.to_device(pair[1])
+
+    def public_batches(self, rnd: int, phase: str, epoch: int):
+        """The shared noisy public batches of a Condensation/Fusion pass: ``(b, x, y (B,H,W) long)``."""
+        for b, x, y in self.batches("public", rnd, phase, epoch, stream=PUBLIC, noisy=0):
+            yield b, x, y[:, 0].long()
+
+    # --- what the runner asks of every party ------------------------------------------------------
+    def begin_round(self, keep: bool = False) -> None:
+        """Fresh loss log; ``keep``: remember the state to :meth:`rollback` to (``skip_client``)."""
+        self.log = LossLog()
+        self._round_start = snapshot(self.state_dict()) if keep else None
+
+    def rollback(self) -> None:
+        if self._round_start is not None:
+            self.load_state_dict(self._round_start)
+        self.log = LossLog()
+
+    def end_round(self) -> dict:
+        """What the run logs of this party's round: mean loss terms and the learning rate."""
+        return {"loss": self.log.means(), "lr": self.lr}
+
+    def evaluate(self, model: nn.Module, split: str) -> list:
+        """Per-image scores of ``model`` on this party's ``split`` loader (rows of a ScoreBook)."""
+        book = ScoreBook()
+        if split in self.loaders:
+            score_model(model, self.loaders[split], self.amp, book, self.name)
+        return book.rows
+
+    def weights(self, model: nn.Module) -> dict:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def state_path(self, folder, rnd: int) -> Path:
+        return Path(folder) / f"{self.name}.r{rnd}.pt"
+
+    def save_state(self, folder, rnd: int) -> None:
+        """Write this party's full training state for round ``rnd`` atomically, from the live tensors
+        (no copy: nothing may train while it is written)."""
+        atomic_torch_save(self.state_dict(), self.state_path(folder, rnd))
+
+    def load_state(self, folder, rnd: int) -> None:
+        from utils.checkpoint import safe_load
+
+        self.load_state_dict(safe_load(self.state_path(folder, rnd), f"training state of {self.name}"))

@@ -1,0 +1,331 @@
+"""The training run: run directory, logging, best checkpoints, training state, resume, final test.
+
+The federation itself (parties, method, messages) is :mod:`fed.runner`; this module only drives it
+round by round (SPEC section 4): ``runner.run_round(r)``; then every client is scored on its val split;
+where a client's val Dice improves, it is scored on its test split and ``{arch}_{k}_best.pth`` is saved
+(for a shared-model method, the global model is selected on the pooled val images instead). After
+every round each party writes its full training state to ``<run>/state/<party>.r<round>.pt`` and the
+run commits the round in ``<run>/state/last.json``; ``train.py --resume <run>`` continues exactly from
+there (randomness is keyed by round, so no generator state is needed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+from tqdm import tqdm
+
+from datasets.federation import load_federation
+from utils.checkpoint import client_ckpt_name, global_ckpt_name, safe_load
+from utils.io import atomic_torch_save, atomic_write_text
+from utils.logger import RunLogger
+from utils.metrics import NAMES, ScoreBook
+
+from .runner import Runner, make_runner
+
+STATE_DIR = Path("state")
+COMMIT = "last.json"  # {"round": r, "best": ..., "config": ...}: the last round whose state is complete
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def summarize(book: ScoreBook, group=None) -> dict:
+    s = book.summary(group)
+    return {k: s[k]["mean"] for k in NAMES if k in s}
+
+
+def evaluate_split(runner: Runner, split: str, names: Optional[List[str]] = None) -> Dict[str, dict]:
+    """Mean scores of each client (``client{k}``) and, for all clients, of their images pooled (``all``)."""
+    book = runner.evaluate(split, names)
+    out = {g: summarize(book, g) for g in book.groups()}
+    if names is None:
+        out["all"] = summarize(book)
+    return out
+
+
+def prepare_run_dir(cfg, overwrite: bool = False, dry_run: bool = False) -> Path:
+    """Create ``output.dir`` with the resolved ``config.yaml``; an occupied folder is an error unless
+    ``overwrite`` (then it is deleted). ``dry_run``: only check."""
+    run = Path(cfg.output.dir)
+    if run.exists() and any(run.iterdir()):
+        if not overwrite:
+            status = "finished" if (run / "results.json").exists() else "unfinished"
+            raise RunDirError(
+                f"{run} already holds a{'n' if status == 'unfinished' else ''} {status} run. "
+                f"Continue it with `python train.py --resume {run}`, choose another output.dir "
+                f"(e.g. --set output.dir=runs/other), or pass --overwrite to delete it.")
+        if not dry_run:
+            shutil.rmtree(run)
+    if dry_run:
+        return run
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "config.yaml", yaml.safe_dump(
+        cfg.settings(), sort_keys=False))
+    return run
+
+
+def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          stop_after: Optional[int] = None, order: str = "forward") -> dict:
+    """Run (or resume) the experiment of ``cfg``; returns the results dict (also ``results.json``).
+
+    ``stop_after``: stop after that many rounds of this call (tests, benchmarks).
+    """
+    t0 = time.time()
+    if not resume and not overwrite:
+        prepare_run_dir(cfg, dry_run=True)  # refuse an occupied run directory before any work
+    # bad data is reported before a run directory is created
+    if cfg.data.verify:
+        from datasets.verify import verify_or_raise
+
+        data = verify_or_raise(cfg, progress=progress)
+    else:
+        data = load_federation(cfg, progress=progress)
+    run = Path(cfg.output.dir) if resume else prepare_run_dir(cfg, overwrite)
+    logger = RunLogger(run, console=progress)
+    try:
+        return _train(cfg, run, logger, resume, progress, stop_after, data, t0, order)
+    finally:
+        logger.close()
+
+
+def _train(cfg, run: Path, logger: RunLogger, resume: bool, progress: bool, stop_after, data, t0,
+           order: str) -> dict:
+    t = time.perf_counter()
+    runner = make_runner(cfg, data, logger, order)
+    build_s = time.perf_counter() - t
+    try:
+        return _rounds(cfg, run, logger, resume, progress, stop_after, runner, data, t0, build_s)
+    finally:
+        runner.close()
+
+
+class StateWriter:
+    """Writes every party's state for a round on a background thread (from the live tensors: no copy,
+    so no extra memory), overlapping the round's evaluation; :meth:`commit` waits for the files, then
+    marks the round complete in ``last.json`` and deletes older rounds' files."""
+
+    def __init__(self, runner: Runner, folder: Path):
+        self.runner, self.folder = runner, folder
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+        self.seconds = 0.0
+
+    def start(self, rnd: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+        def work():
+            t = time.perf_counter()
+            try:
+                self.runner.save_state(self.folder, rnd)
+            except BaseException as e:  # noqa: BLE001 - re-raised by commit()
+                self.error = e
+            self.seconds = time.perf_counter() - t
+
+        if self.runner.concurrent_safe:
+            self.thread = threading.Thread(target=work, name="state-writer", daemon=True)
+            self.thread.start()
+        else:
+            work()
+
+    def commit(self, rnd: int, extra: dict) -> float:
+        """Wait for the files of round ``rnd``; returns the seconds spent writing them."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise RuntimeError(f"writing the training state failed: {e}") from e
+        atomic_write_text(self.folder / COMMIT, json.dumps({"round": rnd, **extra}))
+        for f in self.folder.glob("*.r*.pt"):
+            if _state_round(f) != rnd:
+                f.unlink()
+        return self.seconds
+
+
+def _state_round(path: Path) -> int:
+    return int(path.name.rsplit(".r", 1)[1].split(".")[0])
+
+
+def _rounds(cfg, run, logger, resume, progress, stop_after, runner: Runner, data, t0, build_s) -> dict:
+    ck = run / "checkpoints"
+    K = len(runner.names)
+    best = {"clients": [{"dice": -1.0, "round": -1} for _ in range(K)], "all": {"dice": -1.0, "round": -1}}
+    start = 0
+    state_dir = run / STATE_DIR
+    if resume:
+        for tmp in run.rglob(".*.tmp"):  # a write cut short by the interruption
+            tmp.unlink()
+        if (state_dir / COMMIT).exists():
+            commit = json.loads((state_dir / COMMIT).read_text())
+            last = commit["round"]
+            for f in state_dir.glob("*.r*.pt"):  # files of a round that was never committed
+                if _state_round(f) != last:
+                    f.unlink()
+            runner.load_state(state_dir, last)
+            best, start = commit["best"], last + 1
+            _warn_config_changes(logger, commit.get("config", {}), cfg)
+            logger.info(f"resumed {run} after round {last}")
+        else:
+            logger.info(f"{run}: no completed round to resume from; starting at round 0")
+        _truncate_metrics(logger.metrics_path, start)
+    else:
+        logger.info(f"run {cfg.name}: method {cfg.method}, server {cfg.models.server}, clients "
+                    f"{', '.join(f'{runner.sites[n]}:{runner.archs[n]}' for n in runner.names)}; "
+                    f"device {runner.device}"
+                    f"{' (AMP ' + str(runner.amp.dtype).replace('torch.', '') + ')' if runner.amp.enabled else ''}"
+                    f"{f'; clients in {cfg.train.client_workers} worker processes' if cfg.train.client_workers else ''}")
+        logger.info(f"split {data.split_path}: public {len(data.public)} | " + " | ".join(
+            f"{s}: {'/'.join(str(len(v)) for v in items.values())}"
+            for s, items in zip(cfg.data.clients, data.clients)) + " (labeled/unlabeled/val/test)")
+    logger.info(f"exchange ({cfg.method}): up: {runner.method.sends['up']}; down: {runner.method.sends['down']}")
+    R = cfg.train.rounds
+    if start >= R and (run / "results.json").exists():
+        logger.info(f"{run} has completed all {R} rounds; nothing to resume (raise train.rounds to go on)")
+        return json.loads((run / "results.json").read_text())
+    bar = tqdm(range(start, R), desc="rounds", initial=start, total=R, disable=not progress or None,
+               dynamic_ncols=True)
+    done_now = 0
+    settings = cfg.settings()  # stored with every commit, to warn when a resume changes them
+    writer = StateWriter(runner, state_dir)
+    startup = {"start_s": round(time.time() - t0, 3), "build_s": round(build_s, 3)}
+    for rnd in bar:
+        tr = time.perf_counter()
+        out = runner.run_round(rnd)
+        _check_finite(runner, out["loss"], rnd, run)
+        train_s = time.perf_counter() - tr
+        writer.start(rnd)  # overlaps the evaluation below
+        te = time.perf_counter()
+        val = evaluate_split(runner, "val")
+        record = {"round": rnd, "warmup": runner.method.warm(rnd), "lr": out["lr"], "loss": out["loss"],
+                  "val": val, "improved": [], "test_at_best": {}}
+        _select_best(runner, rnd, val, best, ck, record)
+        eval_s = time.perf_counter() - te
+        write_s = writer.commit(rnd, {"best": best, "config": settings})
+        record["skipped"] = out["skipped"]
+        record["bytes"] = out["bytes"]
+        record["phase_s"] = {**out["phase_s"], "evaluation": round(eval_s, 3), "state_writing": round(write_s, 3)}
+        if startup:
+            record["startup_s"], startup = startup, None
+        record["time_s"] = round(time.perf_counter() - tr, 3)
+        logger.round(record)
+        logger.info(_round_line(record, runner))
+        bar.set_postfix(val_dice=f"{val['all']['dice']:.3f}")
+        done_now += 1
+        if stop_after is not None and done_now >= stop_after and rnd < R - 1:
+            logger.info(f"stopping after round {rnd} as asked (resume with --resume {run})")
+            return {"stopped_after": rnd}
+    bar.close()
+    for k, n in enumerate(runner.names):
+        atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k, "last"))
+    atomic_torch_save(runner.eval_weights(), ck / global_ckpt_name(cfg.models.server, "last"))
+
+    from .report import evaluate_checkpoints, format_table
+
+    tt = time.perf_counter()
+    final = evaluate_checkpoints(cfg, ck, run / "test", data=data, device=runner.device, overlays=4,
+                                 progress=progress)
+    results = {"name": cfg.name, "method": cfg.method, "rounds": R,
+               "wall_time_s": round(time.time() - t0, 1),  # this invocation (a resumed run: since the resume)
+               "rounds_time_s": round(_rounds_time(logger.metrics_path), 1),  # all rounds, across resumes
+               "final_test_s": round(time.perf_counter() - tt, 1),
+               "best": best, "test": final["summary"]}
+    atomic_write_text(run / "results.json", json.dumps(results, indent=2))
+    logger.info("test split, best-val checkpoints (batch 1, every image):\n" + format_table(final))
+    return results
+
+
+def _rounds_time(metrics_path: Path) -> float:
+    with open(metrics_path) as f:
+        return sum(json.loads(line).get("time_s", 0.0) for line in f if line.strip())
+
+
+def _select_best(runner: Runner, rnd: int, val: dict, best: dict, ck: Path, record: dict) -> None:
+    arch = runner.cfg.models.server
+    if runner.method.shared_model:
+        if val["all"]["dice"] > best["all"]["dice"]:
+            test = evaluate_split(runner, "test")
+            best["all"] = {"dice": val["all"]["dice"], "round": rnd, "val": val["all"], "test": test["all"]}
+            for k, n in enumerate(runner.names):
+                if n in val:
+                    best["clients"][k] = {"dice": val[n]["dice"], "round": rnd, "val": val[n], "test": test[n]}
+                atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k))
+            atomic_torch_save(runner.eval_weights(), ck / global_ckpt_name(arch))
+            record["improved"] = ["all"]
+            record["test_at_best"] = test
+        return
+    improved = [n for k, n in enumerate(runner.names)
+                if n not in runner.skipped and n in val and val[n]["dice"] > best["clients"][k]["dice"]]
+    if improved:
+        test = evaluate_split(runner, "test", improved)
+        for n in improved:
+            k = runner.names.index(n)
+            best["clients"][k] = {"dice": val[n]["dice"], "round": rnd, "val": val[n], "test": test[n]}
+            atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k))
+            record["improved"].append(n)
+            record["test_at_best"][n] = test[n]
+    if val["all"]["dice"] > best["all"]["dice"]:
+        best["all"] = {"dice": val["all"]["dice"], "round": rnd, "val": val["all"]}
+        atomic_torch_save(runner.eval_weights(), ck / global_ckpt_name(arch))
+
+
+def _round_line(rec: dict, runner: Runner) -> str:
+    v = rec["val"]
+    up = sum(b["up"] for b in rec["bytes"].values())
+    down = sum(b["down"] for b in rec["bytes"].values())
+    parts = [f"round {rec['round']}{' (warm-up)' if rec['warmup'] else ''} {rec['time_s']:.1f}s",
+             "val Dice " + " ".join(f"{k}:{v[n]['dice']:.3f}" for k, n in enumerate(runner.names) if n in v),
+             f"all:{v['all']['dice']:.3f}"]
+    if up or down:
+        parts.append(f"sent {_mb(up)} up, {_mb(down)} down")
+    if rec["improved"]:
+        parts.append("best: " + ",".join(rec["improved"]))
+    if rec.get("skipped"):
+        parts.append("skipped: " + ",".join(rec["skipped"]))
+    return " | ".join(parts)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
+
+
+def _check_finite(runner: Runner, losses: dict, rnd: int, run: Path) -> None:
+    bad = next(((p, k) for p, terms in losses.items() for k, v in terms.items() if not math.isfinite(v)), None)
+    if not bad:
+        return
+    party, term = bad
+    who = f"{party} ({runner.sites[party]})" if party in runner.sites else party
+    kept = (f"the state after round {rnd - 1} is kept in {run / STATE_DIR}; fix the cause and continue with "
+            f"`python train.py --resume {run}`") if rnd > 0 else "no round was completed"
+    raise FloatingPointError(f"non-finite loss in round {rnd}: {who}, loss term {term!r}. "
+                             f"The run stops without saving this round; {kept}.")
+
+
+def _warn_config_changes(logger: RunLogger, old: dict, cfg) -> None:
+    new = cfg.settings()
+    diffs = []
+
+    def walk(a, b, prefix=""):
+        for k in sorted(set(a) | set(b)):
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                walk(a[k], b[k], f"{prefix}{k}.")
+            elif a.get(k) != b.get(k):
+                diffs.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
+
+    walk(old, new)
+    if diffs:
+        logger.warning("resuming with a changed configuration: " + "; ".join(diffs))
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["round"] < start]
+    atomic_write_text(path, "".join(ln + "\n" for ln in lines))

@@ -1,0 +1,370 @@
+"""The runner: holds the parties and carries a method's messages between them.
+
+A method (``fed/hssf.py``...) writes its round as a protocol, against this interface only::
+
+    with r.phase("condensation"):
+        teacher = r.clients("predict_public", rnd=rnd, phase="condensation", epoch=e, reduce=fold)
+        r.server("condense", teacher, rnd=rnd, epoch=e)
+
+``r.clients(step, msg, **kw)`` runs ``method.step(client, msg, **kw)`` on every active client and
+returns ``{k: reply}`` (or folds each reply into ``reduce(acc, k, reply)`` as it arrives, in any
+order); ``r.server(step, msg, **kw)`` runs ``method.step(server, msg, **kw)``. A step sees only its own
+party and the message; a message is plain data (tensors, numbers, small dicts). Every message to and
+from a client is counted (bytes down and up per client) and every phase is timed.
+
+:class:`Runner` keeps all parties in this process (clients run one after another, in index order or,
+``order="reverse"``, backwards); with ``train.client_workers: N`` the clients live in ``N`` worker
+processes (one per GPU where several are present) and the clients of a phase run concurrently.
+Randomness is keyed (:mod:`utils.rng`), so every arrangement gives the same result.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+from collections import defaultdict
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+import networks
+from datasets.dataset import SegDataset
+from utils.device import Amp, resolve_device
+from utils.metrics import ScoreBook
+from utils.rng import seed_torch
+
+from . import METHODS
+from .party import Party, build_loader
+
+#: what a runner may ask of any party besides the method's steps
+PARTY_CALLS = ("begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate")
+
+
+def nbytes(msg) -> int:
+    """Bytes a message carries as data: tensor/array payloads, 8 per number, the length of strings."""
+    if msg is None:
+        return 0
+    if torch.is_tensor(msg):
+        return msg.numel() * msg.element_size()
+    if isinstance(msg, np.ndarray):
+        return int(msg.nbytes)
+    if isinstance(msg, dict):
+        return sum(nbytes(v) for v in msg.values())
+    if isinstance(msg, (list, tuple)):
+        return sum(nbytes(v) for v in msg)
+    if isinstance(msg, str):
+        return len(msg.encode())
+    return 8
+
+
+def to_device(msg, device):
+    if torch.is_tensor(msg):
+        return msg.to(device, non_blocking=True)
+    if isinstance(msg, dict):
+        return {k: to_device(v, device) for k, v in msg.items()}
+    if isinstance(msg, (list, tuple)):
+        return type(msg)(to_device(v, device) for v in msg)
+    return msg
+
+
+def make_party(cfg, amp: Amp, name: str, arch: str, items: Dict[str, list], public: SegDataset,
+               index: Optional[int] = None, site: str = "") -> Party:
+    """Build one party: its model (initialised from the key ``(seed, "init", name)``), loaders, optimizer."""
+    d = cfg.data
+    loaders = {"public": build_loader(public, d, amp.device)}
+    modes = {"labeled_train": ("labeled", "labeled"), "unlabeled_train": ("unlabeled", "unlabeled"),
+             "val_list": ("val", "eval"), "test_list": ("test", "eval")}
+    for key, (which, mode) in modes.items():
+        if items.get(key):
+            loaders[which] = build_loader(SegDataset(items[key], d.size, mode, cache=d.cache).preload(), d, amp.device)
+    seed_torch(cfg.seed, "init", name)
+    model = networks.build_model(arch, pretrained=cfg.models.pretrained)
+    return Party(name, arch, model, cfg, amp, loaders, index=index, site=site)
+
+
+def call(method, party: Party, step: str, msg, kw: dict):
+    """Run ``step`` on ``party``: a method step ``method.step(party, msg, **kw)`` or a party call."""
+    if step == "evaluate":
+        return party.evaluate(method.eval_model(party), **kw)
+    if step == "weights":
+        return party.weights(party.model)
+    if step in PARTY_CALLS:
+        return getattr(party, step)(**kw)
+    return getattr(method, step)(party, msg, **kw)
+
+
+class ClientFailure(RuntimeError):
+    """A client's step raised; ``reason`` is ``Type: message``, ``trace`` its traceback."""
+
+    def __init__(self, name: str, reason: str, trace: str = ""):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason, self.trace = name, reason, trace
+
+
+class Runner:
+    """Parties + method, built from a validated config and the resolved file lists."""
+
+    #: parties may be read (state writing) on another thread while this one evaluates
+    concurrent_safe = True
+
+    def __init__(self, cfg, data, logger=None, order: str = "forward"):
+        self.cfg, self.logger, self.order = cfg, logger, order
+        d, t = cfg.data, cfg.train
+        self.device = resolve_device(cfg.device)
+        self.amp = Amp.for_device(self.device, t.amp, t.channels_last)
+        self.method = METHODS[cfg.method](cfg)
+        self.data = data
+        self.public = SegDataset(data.public, d.size, "labeled", cache=d.cache).preload()
+        self.server_party = make_party(cfg, self.amp, "server", cfg.models.server, {}, self.public)
+        self.names = [f"client{k}" for k in range(len(d.clients))]
+        self.sites = {f"client{k}": s for k, s in enumerate(d.clients)}
+        self.archs = {f"client{k}": a for k, a in enumerate(cfg.models.clients)}
+        self._host_clients()
+        self.skipped: Dict[str, str] = {}
+        self.bytes = {n: {"up": 0, "down": 0} for n in self.names}
+        self.times: Dict[str, float] = defaultdict(float)
+
+    def _host_clients(self) -> None:
+        self.parties = {n: make_party(self.cfg, self.amp, n, self.archs[n], self.data.clients[k], self.public,
+                                      index=k, site=self.sites[n]) for k, n in enumerate(self.names)}
+
+    # --- the protocol that methods use ----------------------------------------------------------
+    def active(self) -> List[str]:
+        names = [n for n in self.names if n not in self.skipped]
+        return names[::-1] if self.order == "reverse" else names
+
+    def clients(self, step: str, msg=None, reduce: Optional[Callable] = None, **kw):
+        """Run ``step`` on every active client; ``{index: reply}``, or the fold of ``reduce``."""
+        down = nbytes(msg)
+        acc, replies = None, {}
+        for name, reply in self._calls(self.active(), step, msg, kw):
+            self.bytes[name]["down"] += down
+            self.bytes[name]["up"] += nbytes(reply)
+            k = self.names.index(name)
+            if reduce is not None:
+                acc = reduce(acc, k, reply)
+            else:
+                replies[k] = reply
+        return acc if reduce is not None else replies
+
+    def server(self, step: str, msg=None, **kw):
+        return call(self.method, self.server_party, step, msg, kw)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times[name] += time.perf_counter() - t
+
+    # --- running client steps -------------------------------------------------------------------
+    def _calls(self, names: List[str], step: str, msg, kw: dict):
+        """Yield ``(name, reply)`` for each client that completes ``step``; a failing client is
+        skipped for the rest of the round under ``skip_client``, else the failure is raised."""
+        for name in names:
+            try:
+                reply = call(self.method, self.parties[name], step, msg, kw)
+            except Exception as e:  # noqa: BLE001 - any failure of one client's work
+                self._failed(ClientFailure(name, f"{type(e).__name__}: {e}", traceback.format_exc()), e)
+                continue
+            yield name, reply
+
+    def _failed(self, failure: ClientFailure, original: Optional[BaseException] = None) -> None:
+        if self.cfg.train.fault_tolerance != "skip_client":
+            if original is not None:
+                raise original
+            raise failure
+        self.skipped[failure.name] = failure.reason
+        if self.logger is not None:
+            self.logger.log.error(f"{failure.name} ({self.sites[failure.name]}) fails and sits this round out: "
+                                  f"{failure.reason}\n{failure.trace}")
+        self._call_one(failure.name, "rollback", None, {})
+
+    def _call_one(self, name: str, step: str, msg, kw: dict):
+        return call(self.method, self.parties[name], step, msg, kw)
+
+    def _all(self, step: str, **kw) -> Dict[str, object]:
+        """A party call on every client (not a method message: not counted)."""
+        return {n: self._call_one(n, step, None, kw) for n in self.names}
+
+    # --- what the run uses ------------------------------------------------------------------------
+    def run_round(self, rnd: int) -> dict:
+        """One communication round: the method's protocol; returns losses, lrs, skips, bytes, times."""
+        keep = self.cfg.train.fault_tolerance == "skip_client"
+        self.skipped = {}
+        self.bytes = {n: {"up": 0, "down": 0} for n in self.names}
+        self.times = defaultdict(float)
+        self.server_party.begin_round(keep=False)
+        self._all("begin_round", keep=keep)
+        self.method.run_round(self, rnd)
+        ends = {"server": self.server_party.end_round(), **self._all("end_round")}
+        return {"loss": {n: e["loss"] for n, e in ends.items() if e["loss"] and n not in self.skipped},
+                "lr": {n: e["lr"] for n, e in ends.items()},
+                "skipped": dict(self.skipped), "bytes": self.bytes,
+                "phase_s": {k: round(v, 3) for k, v in self.times.items()}}
+
+    def evaluate(self, split: str, names: Optional[List[str]] = None) -> ScoreBook:
+        """Score each client's evaluation model on its ``split``."""
+        book = ScoreBook()
+        names = [n for n in (names or self.names) if n not in self.skipped]
+        got = dict(self._calls(names, "evaluate", None, {"split": split}))
+        for name in names:  # client order, whatever the order of the replies: pooled means are exact
+            book.rows.extend(got.get(name, []))
+        return book
+
+    def client_weights(self, name: str) -> dict:
+        return self._call_one(name, "weights", None, {})
+
+    def eval_weights(self) -> dict:
+        """The server's model (the global model of a shared-model method)."""
+        return self.server_party.weights(self.server_party.model)
+
+    def save_state(self, folder: Path, rnd: int) -> None:
+        """Every party writes its own state file (where it lives: a worker writes its clients')."""
+        self.server_party.save_state(folder, rnd)
+        self._all("save_state", folder=folder, rnd=rnd)
+
+    def load_state(self, folder: Path, rnd: int) -> None:
+        self.server_party.load_state(folder, rnd)
+        self._all("load_state", folder=folder, rnd=rnd)
+
+    def close(self) -> None:
+        pass
+
+
+# --- clients in worker processes ------------------------------------------------------------------
+
+def _worker_main(conn, settings: dict, hosted: Dict[str, tuple], public_items, device: str, threads: int):
+    """A worker process: builds the clients it hosts, then serves ``(name, step, msg, kw)`` requests."""
+    from utils.config import Config
+
+    def as_config(d):
+        return Config({k: as_config(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+    try:
+        torch.set_num_threads(threads)
+        cfg = as_config(settings)
+        cfg.device = device
+        dev = resolve_device(device)
+        amp = Amp.for_device(dev, cfg.train.amp, cfg.train.channels_last)
+        method = METHODS[cfg.method](cfg)
+        public = SegDataset(public_items, cfg.data.size, "labeled", cache=cfg.data.cache).preload()
+        parties = {n: make_party(cfg, amp, n, arch, items, public, index=k, site=site)
+                   for n, (k, site, arch, items) in hosted.items()}
+        conn.send(("ready", None, None, None))
+    except BaseException as e:  # noqa: BLE001
+        conn.send(("err", None, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        return
+    while True:
+        req = conn.recv()
+        if req is None:
+            return
+        name, step, msg, kw = req
+        try:
+            reply = call(method, parties[name], step, to_device(msg, dev), kw)
+            conn.send(("ok", name, to_device(reply, "cpu"), None))
+        except BaseException as e:  # noqa: BLE001 - reported to the runner
+            conn.send(("err", name, f"{type(e).__name__}: {e}", traceback.format_exc()))
+
+
+class ProcessRunner(Runner):
+    """The clients live in ``train.client_workers`` worker processes (spawned); the server here.
+
+    Client ``k`` is hosted by worker ``k % N``; a worker serves its clients one after another, the
+    workers run side by side. With several CUDA devices, worker ``i`` uses ``cuda:(i % count)``.
+    """
+
+    concurrent_safe = False  # one pipe per worker: requests go from one thread only
+
+    def _host_clients(self) -> None:
+        import torch.multiprocessing as mp
+
+        n = min(self.cfg.train.client_workers, len(self.names))
+        ctx = mp.get_context("spawn")
+        threads = max(1, torch.get_num_threads() // n) if self.cfg.train.worker_threads == 0 \
+            else self.cfg.train.worker_threads
+        gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
+        self.host, self.conns, self.procs = {}, [], []
+        settings = self.cfg.settings()
+        for i in range(n):
+            hosted = {name: (k, self.sites[name], self.archs[name], self.data.clients[k])
+                      for k, name in enumerate(self.names) if k % n == i}
+            device = f"cuda:{i % gpus}" if gpus > 1 else str(self.device)
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(child, settings, hosted, self.data.public, device, threads),
+                            daemon=True, name=f"hssf-worker{i}")
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+            self.host.update({name: i for name in hosted})
+        for i, c in enumerate(self.conns):
+            status, _, reason, trace = c.recv()
+            if status != "ok" and status != "ready":
+                self.close()
+                raise RuntimeError(f"client worker {i} failed to start: {reason}\n{trace}")
+
+    def _calls(self, names: List[str], step: str, msg, kw: dict):
+        pending = {i: [] for i in range(len(self.conns))}
+        for name in names:
+            pending[self.host[name]].append(name)
+        out = to_device(msg, "cpu")
+        for i, queue in pending.items():  # each worker gets its requests in index order
+            for name in queue:
+                self.conns[i].send((name, step, out, kw))
+        waiting = {self.conns[i]: len(q) for i, q in pending.items() if q}
+        failures = []
+        while waiting:
+            for conn in wait(list(waiting)):
+                status, name, payload, trace = conn.recv()
+                waiting[conn] -= 1
+                if not waiting[conn]:
+                    del waiting[conn]
+                if status == "ok":
+                    yield name, to_device(payload, self.device)
+                else:
+                    failures.append(ClientFailure(name, payload, trace))
+        for f in failures:  # once every pipe is drained: a rollback is a request of its own
+            self._failed(f)
+
+    def _call_one(self, name: str, step: str, msg, kw: dict):
+        conn = self.conns[self.host[name]]
+        conn.send((name, step, to_device(msg, "cpu"), kw))
+        status, _, payload, trace = conn.recv()
+        if status != "ok":
+            raise ClientFailure(name, payload, trace)
+        return payload
+
+    def _all(self, step: str, **kw) -> Dict[str, object]:
+        for name in self.names:
+            self.conns[self.host[name]].send((name, step, None, kw))
+        out = {}
+        for name in self.names:  # each worker answers its requests in order
+            status, got, payload, trace = self.conns[self.host[name]].recv()
+            if status != "ok":
+                raise ClientFailure(got, payload, trace)
+            out[got] = payload
+        return out
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self.conns, self.procs = [], []
+
+
+def make_runner(cfg, data, logger=None, order: str = "forward") -> Runner:
+    cls = ProcessRunner if cfg.train.client_workers > 0 else Runner
+    return cls(cfg, data, logger, order)
