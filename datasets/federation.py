@@ -24,7 +24,10 @@ class DataError(ValueError):
 
 
 @dataclass
-class Federation:
+class FederationFiles:
+    """The resolved file lists of a federation (what each party will read); the parties themselves are
+    :mod:`fed.runner`'s."""
+
     public: List[Item]
     clients: List[Dict[str, List[Item]]]  # per client: labeled_train/unlabeled_train/val_list/test_list
     split_path: Path
@@ -57,7 +60,7 @@ def ensure_synthetic(cfg, progress: bool = False) -> None:
                              f"and data.clients to what it holds"], header="data problem") from None
 
 
-def load_federation(cfg, progress: bool = False) -> Federation:
+def load_federation(cfg, progress: bool = False) -> FederationFiles:
     d = cfg.data
     ensure_synthetic(cfg, progress)
     names = [d.public] + list(d.clients)
@@ -107,4 +110,4 @@ def load_federation(cfg, progress: bool = False) -> Federation:
             problems.append(f"{path}: client {c!r} has no training files")
     if problems:
         raise DataError(problems)
-    return Federation(public, clients, path, sites)
+    return FederationFiles(public, clients, path, sites)

@@ -44,7 +44,7 @@ from .sites import scan_site
 from .splits import CLIENT_SPLITS, PUBLIC_SPLITS, SplitError, load_split
 
 if TYPE_CHECKING:  # federation imports torch (via .dataset): imported when verifying, so that
-    from .federation import Federation  # `python -m datasets.verify` with a bad config answers at once
+    from .federation import FederationFiles  # `python -m datasets.verify` with a bad config answers at once
 
 NEEDS_MASK = ("labeled_train", "val_list", "test_list")
 FOLDER = "whole folder"  # role of the files of a site that no readable split covers
@@ -70,7 +70,7 @@ class Entry:
 @dataclass
 class Report:
     problems: List[str]
-    federation: Optional[Federation]
+    federation: Optional[FederationFiles]
     split_path: Optional[Path]
     split_generated: bool
     counts: Dict[str, Dict[str, int]] = field(default_factory=dict)  # site -> split -> files
@@ -95,7 +95,7 @@ class Report:
 # --------------------------------------------------------------------------- which files
 
 
-def _federation_entries(cfg, fed: Federation) -> List[Entry]:
+def _federation_entries(cfg, fed: FederationFiles) -> List[Entry]:
     d = cfg.data
     out = [Entry(d.public, "labeled_train", img, mask) for img, mask, _ in fed.public]
     for site, lists in zip(d.clients, fed.clients):
@@ -326,7 +326,7 @@ def verify(cfg, progress: bool = True, workers: Optional[int] = None) -> Report:
     t0 = time.perf_counter()
     d = cfg.data
     problems: List[str] = []
-    fed: Optional[Federation] = None
+    fed: Optional[FederationFiles] = None
     path: Optional[Path] = split_path_for(cfg)
     existed = path.exists()
     try:
@@ -374,8 +374,8 @@ def verify_data(cfg, progress: bool = True, workers: Optional[int] = None) -> Li
     return verify(cfg, progress, workers).problems
 
 
-def verify_or_raise(cfg, progress: bool = True, workers: Optional[int] = None) -> Federation:
-    """The :class:`Federation` of ``cfg`` once every file checks out; :class:`DataError` otherwise."""
+def verify_or_raise(cfg, progress: bool = True, workers: Optional[int] = None) -> FederationFiles:
+    """The :class:`FederationFiles` of ``cfg`` once every file checks out; :class:`DataError` otherwise."""
     from .federation import DataError
 
     report = verify(cfg, progress, workers)

@@ -13,7 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from datasets.federation import DataError, Federation
+from datasets.federation import DataError, FederationFiles
 from datasets.verify import verify, verify_data, verify_or_raise
 from utils.config import load_config
 
@@ -102,7 +102,7 @@ def test_clean_tree_passes(tree):
     assert report.problems == []
     assert report.n_images == 11 and report.n_masks == 7  # unlabeled files need no mask
     assert report.counts["A"] == {"labeled_train": 1, "unlabeled_train": 2, "val_list": 1, "test_list": 1}
-    assert isinstance(verify_or_raise(tree.cfg(), progress=False), Federation)
+    assert isinstance(verify_or_raise(tree.cfg(), progress=False), FederationFiles)
 
 
 @pytest.mark.parametrize("damage, words", [
