@@ -285,6 +285,7 @@ def _round_line(rec: dict, runner: Runner) -> str:
              f"all:{v['all']['dice']:.3f}"]
     if up or down:
         parts.append(f"sent {_mb(up)} up, {_mb(down)} down")
+    parts.append(" ".join(f"{k} {v:.1f}s" for k, v in rec["phase_s"].items()))
     if rec["improved"]:
         parts.append("best: " + ",".join(rec["improved"]))
     if rec.get("skipped"):
