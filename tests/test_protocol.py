@@ -201,3 +201,17 @@ def test_every_party_rebuilds_the_same_public_batches(tmp_path):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(server, client))
     other = [x for _, x, _ in r.parties["client1"].public_batches(3, "condensation", 2)]
     assert not torch.equal(other[0], server[0][0])
+
+
+@pytest.mark.slow
+def test_worker_processes_resume_to_the_same_result(forward_run):
+    """Each worker writes and reads its own clients' state files; a run stopped after round 0 and
+    resumed with workers ends as the uninterrupted in-process run."""
+    tmp, cfg, res = forward_run
+    cfg2 = load_config(None, tiny_overrides(tmp, "procs_resume", "train.warmup_rounds=1", "train.rounds=2",
+                                            "train.client_workers=2", "train.worker_threads=1"))
+    assert train(cfg2, progress=False, stop_after=1) == {"stopped_after": 0}
+    state = Path(cfg2.output.dir) / "state"
+    assert sorted(p.name for p in state.glob("*.pt")) == ["client0.r0.pt", "client1.r0.pt", "server.r0.pt"]
+    res2 = train(load_config(Path(cfg2.output.dir) / "config.yaml"), resume=True, progress=False)
+    _assert_same_run(cfg, res, cfg2, res2)
