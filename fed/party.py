@@ -154,8 +154,9 @@ class Party:
             score_model(model, self.loaders[split], self.amp, book, self.name)
         return book.rows
 
-    def weights(self, model: nn.Module) -> dict:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    def weights(self) -> dict:
+        """This party's model weights (CPU tensors): what a checkpoint file holds."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -225,7 +225,7 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, runner: Runner, data
     bar.close()
     for k, n in enumerate(runner.names):
         atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k, "last"))
-    atomic_torch_save(runner.eval_weights(), ck / global_ckpt_name(cfg.models.server, "last"))
+    atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(cfg.models.server, "last"))
 
     from .report import evaluate_checkpoints, format_table
 
@@ -257,7 +257,7 @@ def _select_best(runner: Runner, rnd: int, val: dict, best: dict, ck: Path, reco
                 if n in val:
                     best["clients"][k] = {"dice": val[n]["dice"], "round": rnd, "val": val[n], "test": test[n]}
                 atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k))
-            atomic_torch_save(runner.eval_weights(), ck / global_ckpt_name(arch))
+            atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(arch))
             record["improved"] = ["all"]
             record["test_at_best"] = test
         return
@@ -273,7 +273,7 @@ def _select_best(runner: Runner, rnd: int, val: dict, best: dict, ck: Path, reco
             record["test_at_best"][n] = test[n]
     if val["all"]["dice"] > best["all"]["dice"]:
         best["all"] = {"dice": val["all"]["dice"], "round": rnd, "val": val["all"]}
-        atomic_torch_save(runner.eval_weights(), ck / global_ckpt_name(arch))
+        atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(arch))
 
 
 def _round_line(rec: dict, runner: Runner) -> str:

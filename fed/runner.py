@@ -87,10 +87,8 @@ def make_party(cfg, amp: Amp, name: str, arch: str, items: Dict[str, list], publ
 
 def call(method, party: Party, step: str, msg, kw: dict):
     """Run ``step`` on ``party``: a method step ``method.step(party, msg, **kw)`` or a party call."""
-    if step == "evaluate":
+    if step == "evaluate":  # the method says which model a client scores (lssl: the global one)
         return party.evaluate(method.eval_model(party), **kw)
-    if step == "weights":
-        return party.weights(party.model)
     if step in PARTY_CALLS:
         return getattr(party, step)(**kw)
     return getattr(method, step)(party, msg, **kw)
@@ -221,9 +219,9 @@ class Runner:
     def client_weights(self, name: str) -> dict:
         return self._call_one(name, "weights", None, {})
 
-    def eval_weights(self) -> dict:
+    def server_weights(self) -> dict:
         """The server's model (the global model of a shared-model method)."""
-        return self.server_party.weights(self.server_party.model)
+        return self.server_party.weights()
 
     def save_state(self, folder: Path, rnd: int) -> None:
         """Every party writes its own state file (where it lives: a worker writes its clients')."""
