@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (not with --config)")
     ap.add_argument("--overwrite", action="store_true", help="delete an existing run in output.dir first")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or console log")
+    ap.add_argument("--engine", choices=["inprocess", "flower-sim"], default="inprocess",
+                    help="where the clients run: inprocess (default: this process, or train.client_workers worker "
+                         "processes) or flower-sim (the nodes of a Flower simulation; pip install -r "
+                         "requirements-flower.txt). Give it again with --resume")
     return ap
 
 
@@ -56,7 +60,7 @@ def main(argv=None):
             cfg = load_config(run / "config.yaml", a.overrides, extra={"output": {"dir": str(run)}})
         else:
             cfg = load_config(a.config, a.overrides)
-        results = train(cfg, resume=bool(a.resume), overwrite=a.overwrite, progress=not a.quiet)
+        results = train(cfg, resume=bool(a.resume), overwrite=a.overwrite, progress=not a.quiet, engine=a.engine)
     except (ConfigError, DataError, RunDirError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

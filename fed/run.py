@@ -73,10 +73,11 @@ def prepare_run_dir(cfg, overwrite: bool = False, dry_run: bool = False) -> Path
 
 
 def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          stop_after: Optional[int] = None, order: str = "forward") -> dict:
+          stop_after: Optional[int] = None, order: str = "forward", engine: str = "inprocess") -> dict:
     """Run (or resume) the experiment of ``cfg``; returns the results dict (also ``results.json``).
 
-    ``stop_after``: stop after that many rounds of this call (tests, benchmarks).
+    ``stop_after``: stop after that many rounds of this call (tests, benchmarks). ``engine``: where the
+    clients run (:data:`fed.runner.ENGINES`).
     """
     t0 = time.time()
     if not resume and not overwrite:
@@ -91,15 +92,15 @@ def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = T
     run = Path(cfg.output.dir) if resume else prepare_run_dir(cfg, overwrite)
     logger = RunLogger(run, console=progress)
     try:
-        return _train(cfg, run, logger, resume, progress, stop_after, data, t0, order)
+        return _train(cfg, run, logger, resume, progress, stop_after, data, t0, order, engine)
     finally:
         logger.close()
 
 
 def _train(cfg, run: Path, logger: RunLogger, resume: bool, progress: bool, stop_after, data, t0,
-           order: str) -> dict:
+           order: str, engine: str = "inprocess") -> dict:
     t = time.perf_counter()
-    runner = make_runner(cfg, data, logger, order)
+    runner = make_runner(cfg, data, logger, order, engine)
     build_s = time.perf_counter() - t
     try:
         return _rounds(cfg, run, logger, resume, progress, stop_after, runner, data, t0, build_s)

@@ -363,6 +363,17 @@ class ProcessRunner(Runner):
         self.conns, self.procs = [], []
 
 
-def make_runner(cfg, data, logger=None, order: str = "forward") -> Runner:
+#: where the clients run: ``inprocess`` (here, or in ``train.client_workers`` worker processes) or
+#: ``flower-sim`` (nodes of a Flower simulation, :mod:`fed.flower`; needs requirements-flower.txt)
+ENGINES = ("inprocess", "flower-sim")
+
+
+def make_runner(cfg, data, logger=None, order: str = "forward", engine: str = "inprocess") -> Runner:
+    if engine == "flower-sim":
+        from .flower.engine import FlowerRunner
+
+        return FlowerRunner(cfg, data, logger, order)
+    if engine != "inprocess":
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     cls = ProcessRunner if cfg.train.client_workers > 0 else Runner
     return cls(cfg, data, logger, order)

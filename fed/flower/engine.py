@@ -1,0 +1,294 @@
+"""FlowerRunner: the clients are Flower SuperNodes of a simulation (Ray backend); the server party
+and the method's protocol stay in this process.
+
+``python train.py --engine flower-sim`` (``fed.runner.make_runner(..., engine="flower-sim")``). The
+run starts ``flwr.simulation.run_simulation`` on a thread with a ServerApp whose ``main`` hands its
+``Grid`` to this runner and waits until the runner closes; the runner then carries every client step
+as a Flower Message through that Grid (:meth:`FlowerRunner._calls`: push, then pull the replies as
+they arrive). A node is a site (:mod:`fed.flower.site`): its first message (``setup``) carries the
+run's settings and the node answers with who it is (name, site, architecture), so the runner learns
+which node is which client from the nodes themselves, as it would in a deployment.
+
+``train.client_workers`` sets the number of Ray actors (processes that serve the nodes' messages; 0
+or 1: one), ``train.worker_threads`` their torch threads (0: this process's threads divided by the
+actors). With one actor every site is always served by the same process, which keeps its party in
+memory; the state goes to the site's disk at the run's save points (persistence ``"save_state"``).
+With several actors a site's messages may land on any of them, so every ``train`` message also
+writes the site's state within the round to its disk (persistence ``"message"``), where the next
+process reads it.
+
+Bytes: ``bytes`` (``up``/``down`` per client, the protocol's accounting of the method's messages) gets
+``wire_up``/``wire_down``: Flower's own size (``count_bytes`` of the records) of the same messages,
+and ``ctl_up``/``ctl_down``: that of the runner's party calls (round start/end, evaluation, state
+saving, checkpoint weights) sent since the round began.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from fed.runner import PARTY_CALLS, ClientFailure, Runner, to_device
+from utils.io import atomic_write_text
+
+from .codec import content_bytes, decode_payload, encode_kw, encode_payload
+from .site import ENTRY, SETUP, TRACE, items_to_json, make_client_app
+
+SITES_DIR = "sites"  # <run>/sites/<client>: the simulated sites' disks
+#: steps that only read a party (Flower message type "query"); every other step is "train"
+READ_ONLY = {"evaluate", "weights", "end_round", "save_state", "predict_public", "send_weights"}
+START_TIMEOUT_S = 600.0
+
+
+class _Simulation:
+    """``run_simulation`` on a thread; :meth:`start` returns the ServerApp's Grid once every node is up."""
+
+    def __init__(self, num_nodes: int, actors: int, gpus: int, sites_root: str):
+        from flwr.serverapp import ServerApp
+
+        self.num_nodes = num_nodes
+        self.handoff: "queue.Queue" = queue.Queue()
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+        app = ServerApp()
+
+        @app.main()
+        def main(grid, context) -> None:  # the ServerApp lends its Grid to the runner until it closes
+            self.handoff.put(grid)
+            self.done.wait()
+
+        self.server_app = app
+        self.client_app = make_client_app(sites_root)
+        self.backend = {"client_resources": {"num_cpus": 1, "num_gpus": min(1.0, gpus / actors) if gpus else 0.0},
+                        "init_args": {"num_cpus": actors, "num_gpus": gpus, "include_dashboard": False,
+                                      "logging_level": "ERROR", "log_to_driver": False}}
+        self.thread = threading.Thread(target=self._run, name="flower-simulation", daemon=True)
+
+    def _run(self) -> None:
+        from flwr.simulation import run_simulation
+
+        try:
+            run_simulation(server_app=self.server_app, client_app=self.client_app, num_supernodes=self.num_nodes,
+                           backend_config=self.backend)
+        except BaseException as e:  # noqa: BLE001 - reported by start() or alive()
+            self.error = e
+
+    def start(self):
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # no deprecation banner for run_simulation
+        warnings.filterwarnings("ignore", message=".*accelerator visible devices.*", category=FutureWarning)
+        self.thread.start()
+        end = time.time() + START_TIMEOUT_S
+        grid = None
+        while time.time() < end:
+            if grid is None:
+                try:
+                    grid = self.handoff.get(timeout=0.2)
+                except queue.Empty:
+                    pass
+            elif len(list(grid.get_node_ids())) >= self.num_nodes:
+                return grid
+            else:
+                time.sleep(0.1)
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the Flower simulation stopped while starting: {self.error!r}")
+        raise RuntimeError(f"the Flower simulation did not bring up {self.num_nodes} nodes in {START_TIMEOUT_S:.0f} s")
+
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.done.is_set()
+
+    def stop(self, timeout: float = 120.0) -> None:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+
+class FlowerRunner(Runner):
+    """Client steps as Flower Messages to the nodes of a Flower simulation."""
+
+    concurrent_safe = False  # one Grid, used from this thread only
+    poll_s = 0.01
+
+    def _host_clients(self) -> None:
+        cfg = self.cfg
+        K = len(self.names)
+        self.actors = max(1, min(cfg.train.client_workers, K))
+        self.persist = "message" if self.actors > 1 else "save_state"
+        threads = cfg.train.worker_threads or max(1, torch.get_num_threads() // self.actors)
+        self.run_key = uuid.uuid4().hex
+        self.version = {n: 0 for n in self.names}  # train messages sent to each site in this run
+        self.served = {n: set() for n in self.names}  # the processes that served each site
+        self.restores = {n: 0 for n in self.names}  # messages a process answered from the site's disk
+        self.node: Dict[str, int] = {}
+        self._round = -1
+        t = time.perf_counter()
+        self.grid = self._open_grid()
+        try:
+            self._setup(threads)
+        except BaseException:
+            self.close()
+            raise
+        if self.logger is not None:
+            self.logger.info(f"Flower simulation: {K} nodes, {self.actors} Ray actor(s) of {threads} torch thread(s), "
+                             f"sites' disks in {self.sites_root}, client state persisted "
+                             f"{'after every train message' if self.persist == 'message' else 'at the save points'}"
+                             f"; up in {time.perf_counter() - t:.1f} s")
+
+    def _open_grid(self):
+        """The simulation: write each simulated site's entry on its disk, start the nodes, return the
+        ServerApp's Grid. (A deployment would connect to its SuperLink's Grid instead: the sites'
+        entries are then the sites' own.)"""
+        self.sites_root = Path(self.cfg.output.dir) / SITES_DIR
+        for k, name in enumerate(self.names):
+            entry = {"name": name, "index": k, "site": self.sites[name], "arch": self.archs[name],
+                     "data": {key: items_to_json(v) for key, v in self.data.clients[k].items()},
+                     "public": items_to_json(self.data.public)}
+            atomic_write_text(self.sites_root / name / ENTRY, json.dumps(entry))
+        gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
+        self._sim = _Simulation(len(self.names), self.actors, gpus, str(self.sites_root))
+        try:
+            return self._sim.start()
+        except BaseException:
+            self._sim.stop()
+            raise
+
+    def _setup(self, threads: int) -> None:
+        """Every node gets the run's settings and answers with who it is."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        call = {"step": SETUP, "run": self.run_key, "version": 0, "settings": json.dumps(self.cfg.settings()),
+                "device": "cuda" if self.device.type == "cuda" else str(self.device), "threads": threads,
+                "persist": self.persist}
+        nodes = list(self.grid.get_node_ids())
+        msgs = [Message(RecordDict({"call": ConfigRecord(dict(call))}), dst_node_id=n, message_type="train")
+                for n in nodes]
+        problems = []
+        for reply in self.grid.send_and_receive(msgs):
+            if reply.has_error():
+                problems.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            who = decode_payload(reply.content)
+            name = who["name"]
+            if name not in self.sites or (who["site"], who["arch"]) != (self.sites[name], self.archs[name]) \
+                    or name in self.node:
+                problems.append(f"node {reply.metadata.src_node_id} is {who}, which the run's config does not "
+                                f"expect (or another node is it too)")
+            self.node[name] = reply.metadata.src_node_id
+        missing = [n for n in self.names if n not in self.node]
+        if missing:
+            problems.append(f"no node for {', '.join(missing)}")
+        if problems:
+            raise RuntimeError("Flower setup failed: " + "; ".join(problems))
+
+    # --- carrying steps as messages ----------------------------------------------------------------
+    def _message(self, name: str, step: str, msg, kw: dict):
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        kind = "query" if step in READ_ONLY else "train"
+        call = ConfigRecord({"step": step, "run": self.run_key, "version": self.version[name]})
+        content = RecordDict({"call": call})
+        kwr = encode_kw(kw, call)
+        if kwr is not None:
+            content["kw"] = kwr
+        encode_payload(to_device(msg, "cpu"), content)
+        if kind == "train":
+            self.version[name] += 1
+        return Message(content, dst_node_id=self.node[name], message_type=kind,
+                       group_id=str(self._round) if self._round >= 0 else "")
+
+    def _count(self, name: str, step: str, down: int, up: int) -> None:
+        b = self.bytes.get(name)
+        if b is None:
+            return
+        kind = "ctl" if step in PARTY_CALLS else "wire"
+        b[f"{kind}_down"] = b.get(f"{kind}_down", 0) + down
+        b[f"{kind}_up"] = b.get(f"{kind}_up", 0) + up
+
+    def _exchange(self, names: List[str], step: str, msg, kw: dict):
+        """Send ``step`` to every site of ``names``; yield ``(name, reply or ClientFailure)`` as they come."""
+        if not names:
+            return
+        msgs = [self._message(n, step, msg, kw) for n in names]
+        sizes = [content_bytes(m.content) for m in msgs]
+        ids = list(self.grid.push_messages(msgs))
+        if len(ids) != len(msgs):
+            raise RuntimeError(f"Flower accepted {len(ids)} of {len(msgs)} messages for step {step!r}")
+        pending = {i: (n, s) for i, n, s in zip(ids, names, sizes)}
+        while pending:
+            got = list(self.grid.pull_messages(list(pending)))
+            for reply in got:
+                name, down = pending.pop(reply.metadata.reply_to_message_id)
+                if reply.has_error():
+                    self._count(name, step, down, 0)
+                    reason, _, trace = reply.error.reason.partition(TRACE)
+                    yield name, ClientFailure(name, reason, trace)
+                else:
+                    self._count(name, step, down, content_bytes(reply.content))
+                    call = reply.content["call"]
+                    self.served[name].add(int(call["pid"]))
+                    self.restores[name] += bool(call["restored"])
+                    yield name, to_device(decode_payload(reply.content), self.device)
+            if pending and not got:
+                sim = getattr(self, "_sim", None)
+                if sim is not None and not sim.alive():
+                    raise RuntimeError(f"the Flower simulation stopped while {', '.join(n for n, _ in pending.values())} "
+                                       f"ran {step!r}: {sim.error!r}")
+                time.sleep(self.poll_s)
+
+    def _calls(self, names: List[str], step: str, msg, kw: dict):
+        failures = []
+        for name, reply in self._exchange(names, step, msg, kw):
+            if isinstance(reply, ClientFailure):
+                failures.append(reply)
+            else:
+                yield name, reply
+        for f in failures:  # once every reply is in: a rollback is a message of its own
+            self._failed(f)
+
+    def _call_one(self, name: str, step: str, msg, kw: dict):
+        for _, reply in self._exchange([name], step, msg, kw):
+            if isinstance(reply, ClientFailure):
+                raise reply
+            return reply
+
+    def _all(self, step: str, **kw) -> Dict[str, object]:
+        out, failures = {}, []
+        for name, reply in self._exchange(list(self.names), step, None, kw):
+            if isinstance(reply, ClientFailure):
+                failures.append(reply)
+            else:
+                out[name] = reply
+        if failures:
+            raise failures[0]
+        return {n: out[n] for n in self.names}
+
+    # --- the run ----------------------------------------------------------------------------------
+    def run_round(self, rnd: int) -> dict:
+        self._round = rnd
+        return super().run_round(rnd)
+
+    def save_state(self, folder: Path, rnd: int) -> None:
+        """The server's state to ``folder``; each site writes its own to its disk (``<site>/state``)."""
+        self.server_party.save_state(folder, rnd)
+        self._all("save_state", rnd=rnd)
+
+    def load_state(self, folder: Path, rnd: int) -> None:
+        self.server_party.load_state(folder, rnd)
+        self._all("load_state", rnd=rnd)
+
+    def close(self) -> None:
+        sim = getattr(self, "_sim", None)
+        if sim is None:
+            return
+        if self.logger is not None and getattr(self, "node", None):
+            self.logger.info("Flower sites: " + "; ".join(
+                f"{n} served by {len(self.served[n])} process(es), {self.restores[n]} time(s) from its disk"
+                for n in self.names))
+        sim.stop()

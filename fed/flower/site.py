@@ -1,0 +1,236 @@
+"""The ClientApp side: one site (a client of the federation) answering the server's Flower Messages.
+
+A site owns a folder, its disk (in a deployment the node config's ``site-dir``; in the simulation
+``<run>/sites/client{partition-id}``), holding:
+
+``entry.json``
+    who the site is and what it reads: ``name``, ``index``, ``site``, ``arch``, its file lists
+    ``data`` (labeled_train/unlabeled_train/val_list/test_list) and the public set ``public``, as
+    ``[image, mask or null, name]`` items. Written by the site's operator in a deployment; the
+    simulation writes it from the run's config and split (the node's partition id is the client index).
+``run.json``
+    the run's settings, key, device, torch threads and persistence, from the run's setup message.
+``state/<name>.r<round>.pt``
+    the party's full training state (model, optimizer, schedule, scaler) at the run's save points
+    (the ``save_state`` message after every round); the site keeps the last two rounds (the server
+    commits a round only once every party has written it) and ``load_state`` reads them on a resume.
+``live.pt``
+    with persistence ``"message"`` only: after every ``train`` message, the party's state *within*
+    the round: training state, loss log, the method's extra models (``lssl``'s global copy) and the
+    rollback snapshot, with the version it belongs to.
+
+A process keeps the parties it served in memory (:data:`_SITES`). Each message names the version
+of the site's state it expects (the number of ``train`` messages the site has been sent in this run,
+so version 0 is the party as built from the config, which any process can rebuild). A process whose
+copy is at that version answers from memory; otherwise it rebuilds the party and, if the version is
+not 0, loads ``live.pt``; if that holds another version it refuses with an error naming both (with
+persistence ``"save_state"`` a site must be served by one process between save points).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from datasets.dataset import SegDataset
+from utils.device import Amp, resolve_device
+from utils.io import atomic_torch_save, atomic_write_text
+
+from .codec import decode_kw, decode_payload, encode_payload
+
+SITE_DIR_KEY = "site-dir"       # node config key of a deployed site's folder
+PARTITION_KEY = "partition-id"  # set by the simulation for every node
+ENTRY, RUN, LIVE, STATE = "entry.json", "run.json", "live.pt", "state"
+SETUP = "setup"                 # the run's first message to every node: settings, device, threads, persistence
+TRACE = "\n--- traceback ---\n"  # separates an error reply's reason from the site's traceback
+
+
+def items_from_json(rows) -> list:
+    return [(Path(i), Path(m) if m is not None else None, n) for i, m, n in rows]
+
+
+def items_to_json(items) -> list:
+    return [[str(i), str(m) if m is not None else None, n] for i, m, n in items]
+
+
+def _as_config(d):
+    from utils.config import Config
+
+    return Config({k: _as_config(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+
+class Site:
+    """What one process holds of one site: its party, the method, and the state version it is at."""
+
+    def __init__(self, folder: Path, info: dict):
+        from fed import METHODS
+        from fed.runner import make_party
+
+        self.folder, self.run, self.persist = folder, info["run"], info["persist"]
+        self.threads = int(info["threads"])
+        torch.set_num_threads(self.threads)
+        entry = json.loads((folder / ENTRY).read_text())
+        cfg = _as_config(info["settings"])
+        cfg.device = info["device"]
+        self.device = resolve_device(info["device"])
+        amp = Amp.for_device(self.device, cfg.train.amp, cfg.train.channels_last)
+        self.method = METHODS[cfg.method](cfg)
+        public = SegDataset(items_from_json(entry["public"]), cfg.data.size, "labeled", cache=cfg.data.cache).preload()
+        data = {k: items_from_json(v) for k, v in entry["data"].items()}
+        self.party = make_party(cfg, amp, entry["name"], entry["arch"], data, public, index=entry["index"],
+                                site=entry["site"])
+        self.entry = {k: entry[k] for k in ("name", "index", "site", "arch")}
+        self.version = 0
+        self.restored = False  # whether the last message found this party only on the site's disk
+
+    # --- the state within a round, for a process that serves the site's next message ----------------
+    def live_state(self) -> dict:
+        p = self.party
+        return {"run": self.run, "version": self.version, "party": p.state_dict(),
+                "log_sum": dict(p.log._sum), "log_n": dict(p.log._n),
+                "extra": {k: m.state_dict() for k, m in p.extra.items()}, "round_start": p._round_start}
+
+    def write_live(self) -> None:
+        atomic_torch_save(self.live_state(), self.folder / LIVE)
+
+    def restore_live(self, state: dict) -> None:
+        p = self.party
+        p.load_state_dict(state["party"])
+        p.log._sum, p.log._n = dict(state["log_sum"]), defaultdict(int, state["log_n"])
+        for k in [k for k in p.extra if k not in state["extra"]]:
+            del p.extra[k]
+        for k, sd in state["extra"].items():  # the method's extra models: copies of the party's own model
+            if k not in p.extra:
+                p.extra[k] = copy.deepcopy(p.model)
+            p.extra[k].load_state_dict(sd)
+        p._round_start = state["round_start"]
+        self.version = state["version"]
+
+    def prune_states(self, keep=lambda r: True) -> None:
+        for f in (self.folder / STATE).glob(f"{self.party.name}.r*.pt"):
+            if not keep(int(f.name.rsplit(".r", 1)[1].split(".")[0])):
+                f.unlink()
+
+
+#: this process's sites, by folder
+_SITES: Dict[str, Site] = {}
+
+
+def site_folder(context: Context, sites_root: Optional[str]) -> Path:
+    """The node config's ``site-dir`` (a deployment), else ``<sites_root>/client{partition-id}``."""
+    nc = context.node_config
+    if SITE_DIR_KEY in nc:
+        return Path(str(nc[SITE_DIR_KEY]))
+    if sites_root is None or PARTITION_KEY not in nc:
+        raise RuntimeError(f"this node has no site folder: set the node config key {SITE_DIR_KEY!r}")
+    return Path(sites_root) / f"client{int(nc[PARTITION_KEY])}"
+
+
+def _setup(folder: Path, call) -> dict:
+    info = {"run": call["run"], "settings": json.loads(call["settings"]), "device": call["device"],
+            "threads": int(call["threads"]), "persist": call["persist"]}
+    atomic_write_text(folder / RUN, json.dumps(info))
+    (folder / LIVE).unlink(missing_ok=True)
+    site = Site(folder, info)
+    _SITES[str(folder)] = site
+    return site.entry
+
+
+def _site(folder: Path, run: str, version: int) -> Site:
+    """The site's party at ``version``: from this process's memory, else rebuilt (and restored)."""
+    site = _SITES.get(str(folder))
+    if site is None or site.run != run or (version == 0 and site.version != 0):
+        info = json.loads((folder / RUN).read_text()) if (folder / RUN).exists() else {}
+        if info.get("run") != run:
+            raise RuntimeError(f"{folder}: this site was not set up for run {run} (no setup message reached it)")
+        site = Site(folder, info)
+        _SITES[str(folder)] = site
+    if site.version == version:
+        return site
+    live = folder / LIVE
+    if live.exists():
+        state = torch.load(live, map_location="cpu", weights_only=True)
+        if state["run"] == run and state["version"] == version:
+            site.restore_live(state)
+            site.restored = True
+            return site
+        on_disk = f"{live} holds version {state['version']}"
+    else:
+        on_disk = f"{live} does not exist"
+    raise RuntimeError(
+        f"{site.party.name}: the message expects the site's state at version {version}; this process holds "
+        f"version {site.version} and {on_disk} (persistence {site.persist!r}: with 'save_state' a site must be "
+        f"served by one process between the run's save points)")
+
+
+def serve(message: Message, context: Context, sites_root: Optional[str] = None) -> Message:
+    """Answer one message: run its step on this node's party and reply, or reply with an error
+    (``Type: message``, then :data:`TRACE` and the traceback)."""
+    from fed.runner import call as call_step, to_device
+
+    content = message.content
+    call = content["call"]
+    step = call["step"]
+    try:
+        folder = site_folder(context, sites_root)
+        if step == SETUP:
+            reply = _setup(folder, call)
+            restored = False
+        else:
+            version = int(call["version"])
+            site = _site(folder, call["run"], version)
+            restored, site.restored = site.restored, False
+            torch.set_num_threads(site.threads)
+            kw = decode_kw(content)
+            if step in ("save_state", "load_state"):  # the site's own disk, whatever the server's folder is
+                kw["folder"] = folder / STATE
+            msg = to_device(decode_payload(content), site.device)
+            mutating = message.metadata.message_type.split(".")[0] == "train"
+            try:
+                reply = call_step(site.method, site.party, step, msg, kw)
+            finally:
+                if mutating:
+                    site.version = version + 1
+                    if site.persist == "message":
+                        site.write_live()
+            if step == "save_state":  # keep this round and the one before (the last committed)
+                site.prune_states(lambda r: r >= kw["rnd"] - 1)
+            elif step == "load_state":  # rounds after the committed one were never committed
+                site.prune_states(lambda r: r <= kw["rnd"])
+            reply = to_device(reply, "cpu")
+        # who served it: the process, and whether it had to read the site's state from disk
+        out = RecordDict({"call": ConfigRecord({"step": step, "pid": os.getpid(), "restored": restored})})
+        encode_payload(reply, out)
+        return Message(out, reply_to=message)
+    except Exception as e:  # noqa: BLE001 - reported to the server, which decides
+        reason = f"{type(e).__name__}: {e}{TRACE}{traceback.format_exc()}"
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
+def make_client_app(sites_root: Optional[str] = None) -> ClientApp:
+    """The ClientApp: ``train`` messages change the site's state, ``query`` messages only read it.
+
+    ``sites_root``: the simulation's folder of site folders (a deployed node names its own folder in
+    its node config instead). The handlers only call :func:`serve`, a function of this importable
+    module, so that every message served by a process finds that process's :data:`_SITES`.
+    """
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return serve(message, context, sites_root)
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        return serve(message, context, sites_root)
+
+    return app

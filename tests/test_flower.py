@@ -1,0 +1,200 @@
+"""The federation on Flower (``--engine flower-sim``): the same runs as in process, bit for bit.
+
+Skipped without Flower (``pip install -r requirements-flower.txt``). Each end-to-end test starts one
+Flower simulation (Ray: several seconds); the in-process references use one torch thread, as do the
+simulation's client processes (``train.worker_threads=1``).
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is not installed: pip install -r requirements-flower.txt")
+pytest.importorskip("ray", reason="Flower's simulation needs Ray: pip install -r requirements-flower.txt")
+
+from conftest import tiny_overrides  # noqa: E402
+from fed import load_config  # noqa: E402
+from fed.run import train  # noqa: E402
+from utils.logger import read_metrics  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical comparisons: the same threads throughout
+
+WIRE_KEYS = ("wire_up", "wire_down", "ctl_up", "ctl_down")
+
+
+# --- the encoding -------------------------------------------------------------------------------------
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a):
+        return (torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape
+                and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, dict):
+        return type(b) is dict and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return type(b) is float and (math.isnan(a) and math.isnan(b) or a == b and math.copysign(1, a) == math.copysign(1, b))
+    return type(a) is type(b) and a == b
+
+
+def test_messages_round_trip_bit_for_bit():
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fed.flower.codec import content_bytes, decode_kw, decode_payload, encode_kw, encode_payload
+
+    g = torch.Generator().manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3).state_dict()  # num_batches_tracked: a 0-dim int64
+    payload = {
+        "logits": torch.randn(3, 2, 4, 4, generator=g), "grade": torch.rand(3, generator=g),
+        "bf16": torch.randn(5, generator=g).bfloat16(), "half": torch.randn(2, generator=g).half(),
+        "scalar_bf16": torch.tensor(1.5).bfloat16(), "transposed": torch.randn(4, 3, generator=g).t(),
+        "empty": torch.zeros(0, 3), "mask": torch.tensor([True, False]),
+        "weights": bn, "odd/name": {"a/b": torch.ones(1)},
+        "rows": [{"group": "client0", "dice": 0.1 + 0.2, "hd95": None, "nan": float("nan"), "neg": -0.0,
+                  "inf": float("-inf")}],
+        "tuple": (1, 2.5, None, "s", True), "$dollar": {"$t": 1}, "numpy": np.arange(3, dtype=np.int16),
+    }
+    content = RecordDict({"call": ConfigRecord({"step": "x"})})
+    encode_payload(payload, content)
+    back = decode_payload(content)
+    assert list(back) == list(payload)
+    for k in payload:
+        assert _same(payload[k], back[k]), k
+    # a state dict is one flat ArrayRecord under its own keys; dtypes NumPy lacks travel raw
+    arrays = content["arrays"]
+    assert {f"weights/{k}" for k in bn} <= set(arrays)
+    assert arrays["bf16"].stype == "torch.raw" and arrays["bf16"].dtype == "torch.bfloat16"
+    assert arrays["logits"].stype == "numpy.ndarray" and arrays["logits"].dtype == "float32"
+    assert content_bytes(content) >= 3 * 2 * 16 * 4 + 3 * 4
+    # keyword arguments: scalars as themselves, Path and None named in the call record
+    call = ConfigRecord({"step": "s"})
+    kw = {"rnd": 3, "kl_theta": 0.5, "warm": False, "split": "val", "folder": Path("/x/y"), "none": None}
+    msg = RecordDict({"call": call, "kw": encode_kw(kw, call)})
+    assert decode_kw(msg) == kw and isinstance(decode_kw(msg)["folder"], Path)
+    with pytest.raises(TypeError):
+        encode_kw({"bad": [1, 2]}, ConfigRecord())
+    with pytest.raises(TypeError):
+        encode_payload({"obj": object()}, RecordDict())
+
+
+def test_engine_flag_and_choice():
+    import train as train_py
+    from fed.runner import make_runner
+
+    assert train_py.parse_args([]).engine == "inprocess"
+    assert train_py.parse_args(["--engine", "flower-sim"]).engine == "flower-sim"
+    with pytest.raises(SystemExit):
+        train_py.parse_args(["--engine", "flower"])
+    with pytest.raises(ValueError, match="engine must be one of"):
+        make_runner(None, None, engine="grpc")
+
+
+# --- whole runs ---------------------------------------------------------------------------------------
+
+def _run(tmp_path, name, *extra, engine="inprocess", **kw):
+    cfg = load_config(None, tiny_overrides(tmp_path, name, "train.warmup_rounds=1", *extra))
+    return cfg, train(cfg, progress=False, engine=engine, **kw)
+
+
+def _records(cfg):
+    drop = ("time_s", "phase_s", "startup_s")
+    out = []
+    for r in read_metrics(cfg.output.dir):
+        r = {k: v for k, v in r.items() if k not in drop}
+        r["bytes"] = {n: {k: v for k, v in b.items() if k not in WIRE_KEYS} for n, b in r["bytes"].items()}
+        out.append(r)
+    return out
+
+
+def _ckpts(cfg):
+    ck = Path(cfg.output.dir) / "checkpoints"
+    return {p.name: torch.load(p, weights_only=True) for p in sorted(ck.glob("*.pth"))}
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    return max(((x[k].double() - y[k].double()).abs().max().item() if x[k].numel() else 0.0)
+               for f in a for x, y in [(a[f], b[f])] for k in x)
+
+
+def _assert_same_run(cfg_a, res_a, cfg_b, res_b):
+    """Metrics (without timings and Flower's byte counts), test results and every checkpoint tensor."""
+    a, b = _ckpts(cfg_a), _ckpts(cfg_b)
+    assert a.keys() == b.keys() and a
+    for f in a:
+        assert a[f].keys() == b[f].keys()
+        assert all(a[f][k].dtype == b[f][k].dtype for k in a[f]), f
+    differ = [f"{f}:{k}" for f in a for k in a[f] if not torch.equal(a[f][k], b[f][k])]
+    assert not differ, f"{len(differ)} tensors differ (largest difference {_largest_difference(a, b):.3g}): {differ[:5]}"
+    assert _records(cfg_a) == _records(cfg_b)
+    assert res_a["test"] == res_b["test"] and res_a["best"] == res_b["best"]
+
+
+@pytest.fixture(scope="module")
+def hssf_inprocess(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flower")
+    return tmp, *_run(tmp, "inproc", "train.rounds=2")
+
+
+@pytest.mark.slow
+def test_hssf_on_flower_is_bit_identical_and_counts_flower_bytes(hssf_inprocess):
+    tmp, cfg, res = hssf_inprocess
+    cfg2, res2 = _run(tmp, "flower", "train.rounds=2", "train.worker_threads=1", engine="flower-sim")
+    _assert_same_run(cfg, res, cfg2, res2)
+    run = Path(cfg2.output.dir)
+    assert {"config.yaml", "metrics.jsonl", "results.json", "checkpoints", "test"} <= {p.name for p in run.iterdir()}
+    assert "Flower simulation: 2 nodes, 1 Ray actor(s)" in (run / "train.log").read_text()
+    recs = read_metrics(run)
+    for b in recs[1]["bytes"].values():  # after warm-up: Flower's own size of the same messages, a little more
+        assert b["up"] < b["wire_up"] < b["up"] * 1.05 + 4096 and b["down"] < b["wire_down"] < b["down"] * 1.05 + 4096
+        assert b["ctl_up"] > 0 and b["ctl_down"] > 0
+    for b in recs[0]["bytes"].values():  # warm-up: no payload crosses, only the steps' call records
+        assert b["up"] == b["down"] == 0 and 0 < b["wire_up"] < 1024 and 0 < b["wire_down"] < 1024
+    # each site wrote its state on its own disk; the server its own in the run's state folder
+    for k in range(2):
+        site = run / "sites" / f"client{k}"
+        assert sorted(p.name for p in (site / "state").glob("*.pt")) == [f"client{k}.r0.pt", f"client{k}.r1.pt"]
+        assert json.loads((site / "entry.json").read_text())["name"] == f"client{k}"
+        assert not (site / "live.pt").exists()  # one actor: state persisted at the save points only
+    assert sorted(p.name for p in (run / "state").glob("*.pt")) == ["server.r1.pt"]
+
+
+@pytest.mark.slow
+def test_flower_run_resumes_from_the_sites_disks(hssf_inprocess):
+    """Stopped after round 0 (the simulation and its processes end), resumed on a new simulation: each
+    site reads its state back from its own disk, and the run ends as the uninterrupted in-process one."""
+    tmp, cfg, res = hssf_inprocess
+    cfg2 = load_config(None, tiny_overrides(tmp, "flower_resume", "train.warmup_rounds=1", "train.rounds=2",
+                                            "train.worker_threads=1"))
+    assert train(cfg2, progress=False, stop_after=1, engine="flower-sim") == {"stopped_after": 0}
+    res2 = train(load_config(Path(cfg2.output.dir) / "config.yaml"), resume=True, progress=False, engine="flower-sim")
+    _assert_same_run(cfg, res, cfg2, res2)
+
+
+@pytest.mark.slow
+def test_lssl_on_two_actors_is_bit_identical(tmp_path):
+    """Two Ray actors: a site's messages land on either process, which continues from the state the
+    other wrote after every train message (state dicts of weights travel both ways)."""
+    cfg, res = _run(tmp_path, "lssl_in", "method=lssl", "train.rounds=1")
+    cfg2, res2 = _run(tmp_path, "lssl_fl", "method=lssl", "train.rounds=1", "train.client_workers=2",
+                      "train.worker_threads=1", engine="flower-sim")
+    _assert_same_run(cfg, res, cfg2, res2)
+    run = Path(cfg2.output.dir)
+    log = (run / "train.log").read_text()
+    assert "2 Ray actor(s)" in log
+    print(log.split("Flower sites: ")[1].splitlines()[0])
+    assert all((run / "sites" / f"client{k}" / "live.pt").exists() for k in range(2))
+    b = read_metrics(run)[0]["bytes"]["client0"]
+    assert b["up"] == b["down"] > 0 and b["wire_up"] > b["up"]
+
+
+@pytest.mark.slow
+def test_local_on_flower_is_bit_identical(tmp_path):
+    cfg, res = _run(tmp_path, "local_in", "method=local", "train.rounds=1")
+    cfg2, res2 = _run(tmp_path, "local_fl", "method=local", "train.rounds=1", "train.worker_threads=1",
+                      engine="flower-sim")
+    _assert_same_run(cfg, res, cfg2, res2)
