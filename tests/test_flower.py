@@ -94,6 +94,85 @@ def test_engine_flag_and_choice():
         make_runner(None, None, engine="grpc")
 
 
+# --- a site, message by message, without a simulation ---------------------------------------------------
+
+def _site_message(step, kind, version, n, payload=None, extra=None, **kw):
+    import time
+
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+
+    from fed.flower.codec import encode_kw, encode_payload
+
+    call = ConfigRecord({"step": step, "run": "run1", "version": version, **(extra or {})})
+    content = RecordDict({"call": call})
+    kwr = encode_kw(kw, call)
+    if kwr is not None:
+        content["kw"] = kwr
+    encode_payload(payload, content)
+    md = Metadata(run_id=1, message_id=f"m{n}", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                  group_id="0", created_at=time.time(), ttl=3600.0, message_type=kind)
+    return Message(content=content, metadata=md)
+
+
+def test_a_site_continues_from_its_disk_in_a_fresh_process_for_every_message(tmp_path):
+    """Persistence "message": with this process's memory of the site dropped before every message (as if
+    each were served by a new process), the site's replies are those of one party kept in memory, rollback
+    included; with "save_state" a process without the state refuses; a failing step replies an error
+    carrying the site's traceback."""
+    from flwr.app import Context, RecordDict
+
+    from datasets.federation import load_federation
+    from fed.flower import site as S
+    from fed.flower.codec import decode_payload
+    from fed.flower.engine import READ_ONLY
+    from fed.runner import Runner, call
+
+    cfg = load_config(None, tiny_overrides(tmp_path, "site", "train.warmup_rounds=0", "train.fusion_epochs=1"))
+    data = load_federation(cfg)
+    ref = Runner(cfg, data)  # the reference: the same steps on an in-process party
+    party = ref.parties["client0"]
+    sites = tmp_path / "sites"
+    S.write_entry(sites / "client0", "client0", 0, "A", "tiny", data.clients[0], data.public)
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    guide = ref.server("predict_public", rnd=0, phase="fusion", epoch=0)
+    steps = [("begin_round", None, {"keep": True}), ("predict_public", None, {"rnd": 0, "phase": "condensation", "epoch": 0}),
+             ("fuse", guide, {"rnd": 0, "epoch": 0, "kl_theta": 10.0}), ("local", None, {"rnd": 0, "warm": False}),
+             ("end_round", None, {}), ("evaluate", None, {"split": "val"}), ("weights", None, {}),
+             ("save_state", None, {"rnd": 0}), ("rollback", None, {}), ("weights", None, {})]
+
+    def serve(msg):
+        S._SITES.clear()  # a new process
+        return S.serve(msg, ctx, str(sites))
+
+    setup = {"settings": json.dumps(cfg.settings()), "device": "cpu", "threads": 1, "persist": "message"}
+    reply = serve(_site_message("setup", "train", 0, 0, extra=setup))
+    assert decode_payload(reply.content) == {"name": "client0", "index": 0, "site": "A", "arch": "tiny"}
+    version, restored = 0, 0
+    for n, (step, payload, kw) in enumerate(steps, 1):
+        kind = "query" if step in READ_ONLY else "train"
+        reply = serve(_site_message(step, kind, version, n, payload, **kw))
+        assert not reply.has_error(), reply.error.reason
+        restored += bool(reply.content["call"]["restored"])
+        version += kind == "train"
+        if step == "save_state":
+            kw = {**kw, "folder": tmp_path / "ref_state"}
+        expected = call(ref.method, party, step, payload, kw)
+        assert _same(expected, decode_payload(reply.content)), step
+    assert restored == len(steps) - 1  # every message after the first train one found the state on disk only
+    assert (sites / "client0" / "state" / "client0.r0.pt").exists()
+
+    # persistence "save_state": between save points the state is only in the serving process's memory
+    setup["persist"] = "save_state"
+    serve(_site_message("setup", "train", 0, 20, extra=setup))
+    reply = serve(_site_message("begin_round", "train", 0, 21, keep=False))
+    reply = serve(_site_message("end_round", "query", 1, 22))
+    assert reply.has_error() and "expects the site's state at version 1" in reply.error.reason
+    # an error reply: the reason first, then the site's traceback
+    reply = S.serve(_site_message("no_such_step", "train", 0, 23), ctx, str(sites))
+    reason, _, trace = reply.error.reason.partition(S.TRACE)
+    assert reason.startswith("AttributeError") and "Traceback" in trace
+
+
 # --- whole runs ---------------------------------------------------------------------------------------
 
 def _run(tmp_path, name, *extra, engine="inprocess", **kw):
@@ -186,7 +265,7 @@ def test_lssl_on_two_actors_is_bit_identical(tmp_path):
     run = Path(cfg2.output.dir)
     log = (run / "train.log").read_text()
     assert "2 Ray actor(s)" in log
-    print(log.split("Flower sites: ")[1].splitlines()[0])
+    assert "Flower sites: client0 served by" in log  # how many processes served each site, how often from disk
     assert all((run / "sites" / f"client{k}" / "live.pt").exists() for k in range(2))
     b = read_metrics(run)[0]["bytes"]["client0"]
     assert b["up"] == b["down"] > 0 and b["wire_up"] > b["up"]

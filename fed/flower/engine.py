@@ -37,10 +37,9 @@ from typing import Dict, List, Optional
 import torch
 
 from fed.runner import PARTY_CALLS, ClientFailure, Runner, to_device
-from utils.io import atomic_write_text
 
 from .codec import content_bytes, decode_payload, encode_kw, encode_payload
-from .site import ENTRY, SETUP, TRACE, items_to_json, make_client_app
+from .site import SETUP, TRACE, make_client_app, write_entry
 
 SITES_DIR = "sites"  # <run>/sites/<client>: the simulated sites' disks
 #: steps that only read a party (Flower message type "query"); every other step is "train"
@@ -147,10 +146,8 @@ class FlowerRunner(Runner):
         entries are then the sites' own.)"""
         self.sites_root = Path(self.cfg.output.dir) / SITES_DIR
         for k, name in enumerate(self.names):
-            entry = {"name": name, "index": k, "site": self.sites[name], "arch": self.archs[name],
-                     "data": {key: items_to_json(v) for key, v in self.data.clients[k].items()},
-                     "public": items_to_json(self.data.public)}
-            atomic_write_text(self.sites_root / name / ENTRY, json.dumps(entry))
+            write_entry(self.sites_root / name, name, k, self.sites[name], self.archs[name], self.data.clients[k],
+                        self.data.public)
         gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
         self._sim = _Simulation(len(self.names), self.actors, gpus, str(self.sites_root))
         try:

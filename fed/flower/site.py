@@ -62,6 +62,13 @@ def items_to_json(items) -> list:
     return [[str(i), str(m) if m is not None else None, n] for i, m, n in items]
 
 
+def write_entry(folder: Path, name: str, index: int, site: str, arch: str, data: dict, public: list) -> None:
+    """A site's ``entry.json`` (what the simulation provisions; a deployed site's operator writes it)."""
+    entry = {"name": name, "index": index, "site": site, "arch": arch,
+             "data": {k: items_to_json(v) for k, v in data.items()}, "public": items_to_json(public)}
+    atomic_write_text(Path(folder) / ENTRY, json.dumps(entry))
+
+
 def _as_config(d):
     from utils.config import Config
 
