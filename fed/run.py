@@ -285,7 +285,7 @@ def _round_line(rec: dict, runner: Runner) -> str:
              "val Dice " + " ".join(f"{k}:{v[n]['dice']:.3f}" for k, n in enumerate(runner.names) if n in v),
              f"all:{v['all']['dice']:.3f}"]
     if up or down:
-        parts.append(f"sent {_mb(up)} up, {_mb(down)} down")
+        parts.append(f"clients sent {_mb(up)}, received {_mb(down)}")
     parts.append(" ".join(f"{k} {v:.1f}s" for k, v in rec["phase_s"].items()))
     if rec["improved"]:
         parts.append("best: " + ",".join(rec["improved"]))
@@ -295,7 +295,7 @@ def _round_line(rec: dict, runner: Runner) -> str:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def _check_finite(runner: Runner, losses: dict, rnd: int, run: Path) -> None:

@@ -183,8 +183,7 @@ def test_bytes_and_phase_times_are_accounted(forward_run):
     for r in recs:
         assert {"condensation", "fusion", "local", "evaluation", "state_writing"} <= set(r["phase_s"])
         assert all(v >= 0 for v in r["phase_s"].values())
-    assert "sent 0.1 MB up" in (Path(cfg.output.dir) / "train.log").read_text() or \
-        "kB up" in (Path(cfg.output.dir) / "train.log").read_text()
+    assert "clients sent 256 KiB, received 256 KiB" in (Path(cfg.output.dir) / "train.log").read_text()
 
 
 def test_every_party_rebuilds_the_same_public_batches(tmp_path):
