@@ -373,6 +373,10 @@ def make_runner(cfg, data, logger=None, order: str = "forward", engine: str = "i
         from .flower.engine import FlowerRunner
 
         return FlowerRunner(cfg, data, logger, order)
+    if engine == "flower-deployment":  # only inside the ServerApp of fed.flower.deploy (the SuperLink's Grid)
+        from .flower.deploy import DeployedRunner
+
+        return DeployedRunner(cfg, data, logger, order)
     if engine != "inprocess":
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     cls = ProcessRunner if cfg.train.client_workers > 0 else Runner

@@ -135,10 +135,13 @@ class FlowerRunner(Runner):
             self.close()
             raise
         if self.logger is not None:
-            self.logger.info(f"Flower simulation: {K} nodes, {self.actors} Ray actor(s) of {threads} torch thread(s), "
-                             f"sites' disks in {self.sites_root}, client state persisted "
+            self.logger.info(f"{self._describe(K, threads)}, client state persisted "
                              f"{'after every train message' if self.persist == 'message' else 'at the save points'}"
                              f"; up in {time.perf_counter() - t:.1f} s")
+
+    def _describe(self, K: int, threads: int) -> str:
+        return (f"Flower simulation: {K} nodes, {self.actors} Ray actor(s) of {threads} torch thread(s), "
+                f"sites' disks in {self.sites_root}")
 
     def _open_grid(self):
         """The simulation: write each simulated site's entry on its disk, start the nodes, return the

@@ -1,0 +1,377 @@
+"""The federation on a Flower *deployment* (flwr 1.42): a SuperLink, one SuperNode per site, ``flwr run``.
+
+Two halves:
+
+- **The Flower App** (``flower_app/`` of this repository: ``pyproject.toml`` and a module that imports
+  :data:`server_app` and :data:`client_app` from here). ``flwr run flower_app <connection>`` packs it as a
+  FAB and submits it to the SuperLink, whose SuperExec starts ``flwr-serverapp`` with the app; each
+  SuperNode starts a fresh ``flwr-clientapp`` process *for every message*, so a site keeps its state
+  on its own disk after every ``train`` message (persistence ``"message"``, :mod:`fed.flower.site`).
+  The FAB carries only the entry points: this project must be importable where the SuperLink and the
+  SuperNodes run (``PYTHONPATH=<repo>``, same version everywhere).
+  The ServerApp's ``main`` runs :func:`fed.run.train` with :class:`DeployedRunner`, a
+  :class:`~fed.flower.engine.FlowerRunner` whose Grid is the SuperLink's (the run's config is a file named
+  by the run config key ``config``; ``resume=true`` continues its run directory). It writes
+  ``status.json`` (``{"ok": true, "results": ...}`` or ``{"ok": false, "error": ...}``) beside that file.
+- **The loopback launcher** (:func:`deploy`, ``python -m fed.flower.deploy``): provisions each site's
+  disk (``entry.json``, as a site's operator would), starts ``flower-superlink`` and one
+  ``flower-supernode`` per site (``--node-config "site-dir='...'"``) as separate processes, every port on
+  127.0.0.1, runs ``flwr run`` with a private ``FLWR_HOME`` (its ``config.toml`` names the SuperLink),
+  waits for ``status.json``, copies the services' logs into ``<run>/deploy/`` and stops every process it
+  started (each in its own process group, by the recorded pids: SIGTERM, then SIGKILL).
+
+Layout of ``--workdir W``: ``W/run`` (the run directory, as ``train.py`` writes it), ``W/sites/client{k}``
+(the sites' disks), ``W/flower`` (``FLWR_HOME``, the resolved ``config.yaml``, ``status.json``, logs).
+The final test table is computed by the server from the best checkpoints and the test files, as in
+``train.py``: on loopback the server can read every site's files; across real sites it could not.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import engine as _engine  # noqa: F401  (sets Flower's offline environment first)
+from .engine import FlowerRunner
+from .site import make_client_app, write_entry
+
+REPO = Path(__file__).resolve().parents[2]
+APP_DIR = REPO / "flower_app"
+STATUS = "status.json"
+NODE_WAIT_S = 120.0
+#: environment of every Flower process started here: offline, and this project importable
+OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+# --- the ServerApp side ------------------------------------------------------------------------------
+
+_GRID: Dict[str, object] = {}  # the Grid the ServerApp's main was given, for DeployedRunner
+
+
+class DeployedRunner(FlowerRunner):
+    """The clients are the SuperNodes connected to the SuperLink whose Grid the ServerApp was given."""
+
+    def _open_grid(self):
+        grid = _GRID.get("grid")
+        if grid is None:
+            raise RuntimeError("engine 'flower-deployment' runs only inside the ServerApp of fed.flower.deploy")
+        self.persist = "message"  # every message is served by a fresh flwr-clientapp process
+        end = time.time() + NODE_WAIT_S
+        while len(list(grid.get_node_ids())) < len(self.names):
+            if time.time() > end:
+                raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {len(self.names)} SuperNodes "
+                                   f"connected in {NODE_WAIT_S:.0f} s")
+            time.sleep(0.5)
+        return grid
+
+    def _describe(self, K: int, threads: int) -> str:
+        return (f"Flower deployment: {K} SuperNodes on the SuperLink, sites' processes of {threads} torch "
+                f"thread(s), each site's disk its node's site-dir")
+
+    def close(self) -> None:
+        pass  # the Grid belongs to the ServerApp
+
+
+def _server_main(grid, context) -> None:
+    from fed import load_config
+    from fed.run import train
+
+    rc = context.run_config
+    cfg_path = Path(str(rc["config"]))
+    status = cfg_path.parent / STATUS
+    _GRID["grid"] = grid
+    try:
+        if bool(rc.get("resume", False)):
+            run = Path(load_config(cfg_path).output.dir)
+            cfg = load_config(run / "config.yaml", extra={"output": {"dir": str(run)}})
+        else:
+            cfg = load_config(cfg_path)
+        results = train(cfg, resume=bool(rc.get("resume", False)), progress=False, engine="flower-deployment")
+        out = {"ok": True, "results": results}
+    except BaseException as e:  # noqa: BLE001 - reported to the launcher through status.json
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    finally:
+        _GRID.clear()
+    from utils.io import atomic_write_text
+
+    atomic_write_text(status, json.dumps(out, default=str))
+
+
+def _make_server_app():
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+    app.main()(_server_main)
+    return app
+
+
+server_app = _make_server_app()
+client_app = make_client_app(None)  # a deployed node names its folder in its node config (site-dir)
+
+
+# --- the loopback launcher ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _proc_stat(pid: int):
+    """``(ppid, state, start time)`` of a live process, or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[0], fields[19]
+
+
+class Services:
+    """Processes started here (each the leader of its own process group) and every descendant seen.
+
+    Flower's services start helpers (SuperExec, ``flwr-serverapp``, ``flwr-clientapp``) that may leave
+    the group or outlive their parent, so :meth:`track` records each descendant ``(pid, start time)``
+    while they run and :meth:`stop` ends those too, by their recorded pids (a reused pid is left alone).
+    """
+
+    def __init__(self, env: dict, logs: Path):
+        self.env, self.logs = env, logs
+        self.procs: List[subprocess.Popen] = []
+        self.names: Dict[int, str] = {}
+        self.seen: Dict[int, str] = {}  # pid -> start time, every process started here or below
+
+    def start(self, name: str, argv: List[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(REPO),
+                             start_new_session=True)
+        log.close()
+        self.procs.append(p)
+        self.names[p.pid] = name
+        st = _proc_stat(p.pid)
+        if st is not None:
+            self.seen[p.pid] = st[2]
+        return p
+
+    def track(self) -> None:
+        """Record the live descendants of the processes recorded so far."""
+        stats = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                st = _proc_stat(int(d.name))
+                if st is not None:
+                    stats[int(d.name)] = st
+        grew = True
+        while grew:
+            grew = False
+            for pid, (ppid, _, start) in stats.items():
+                if pid not in self.seen and ppid in self.seen:
+                    self.seen[pid] = start
+                    grew = True
+
+    def remaining(self) -> List[int]:
+        """Recorded processes still running (zombies count as ended)."""
+        out = []
+        for pid, start in self.seen.items():
+            st = _proc_stat(pid)
+            if st is not None and st[2] == start and st[1] != "Z":
+                out.append(pid)
+        return out
+
+    def pids(self) -> Dict[str, int]:
+        return {self.names[p.pid]: p.pid for p in self.procs}
+
+    def dead(self) -> List[str]:
+        return [f"{self.names[p.pid]} (exit {p.returncode})" for p in self.procs if p.poll() is not None]
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        """Kill one service and its descendants (as a site that dies would)."""
+        self.track()
+        p = next(p for p in self.procs if self.names[p.pid] == name)
+        below = [q for q in self.remaining() if self._below(q, p.pid)]
+        _signal_group(p.pid, sig)
+        for q in below:
+            _signal_pid(q, sig)
+        p.wait(timeout=30)
+
+    def _below(self, pid: int, root: int) -> bool:
+        while pid not in (0, 1):
+            if pid == root:
+                return True
+            st = _proc_stat(pid)
+            if st is None:
+                return False
+            pid = st[0]
+        return False
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        self.track()
+        for p in reversed(self.procs):
+            _signal_group(p.pid, signal.SIGTERM)
+        for q in self.remaining():
+            _signal_pid(q, signal.SIGTERM)
+        end = time.time() + grace_s
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, end - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        while self.remaining() and time.time() < end:
+            time.sleep(0.2)
+        for p in self.procs:  # the groups, then every recorded process that is still there
+            _signal_group(p.pid, signal.SIGKILL)
+        for q in self.remaining():
+            _signal_pid(q, signal.SIGKILL)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        end = time.time() + 10
+        while self.remaining() and time.time() < end:
+            time.sleep(0.2)
+
+
+def _signal_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_pid(pid: int, sig) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def provision(cfg, workdir: Path) -> List[Path]:
+    """Each site's disk: ``W/sites/client{k}/entry.json`` with its own file lists and the public set."""
+    from datasets.federation import load_federation
+
+    data = load_federation(cfg, progress=False)
+    folders = []
+    for k, (site, arch) in enumerate(zip(cfg.data.clients, cfg.models.clients)):
+        folder = workdir / "sites" / f"client{k}"
+        write_entry(folder, f"client{k}", k, site, arch, data.clients[k], data.public)
+        folders.append(folder)
+    return folders
+
+
+def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, on_start=None,
+           poll_s: float = 0.5) -> dict:
+    """Run ``cfg`` on a loopback deployment in ``workdir``; returns ``status.json`` plus ``pids`` (the
+    services started) and ``wall_s``. ``on_start(services, status_path)`` is called once ``flwr run``
+    has submitted the run (tests use it to kill a site). Every started process is stopped on return."""
+    import yaml
+
+    t0 = time.time()
+    workdir = Path(workdir).resolve()
+    fl = workdir / "flower"
+    logs = fl / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    status = fl / STATUS
+    status.unlink(missing_ok=True)
+    cfg_path = fl / "config.yaml"
+    if not resume:
+        cfg.output.dir = str(workdir / "run")
+        from fed.run import prepare_run_dir
+
+        prepare_run_dir(cfg, dry_run=True)  # refuse an occupied run directory before starting anything
+        cfg_path.write_text(yaml.safe_dump(cfg.settings(), sort_keys=False))
+    folders = provision(cfg, workdir) if not resume else sorted((workdir / "sites").iterdir())
+    home = fl / "home"
+    home.mkdir(exist_ok=True)
+    link = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home),
+           "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    svc = Services(env, logs)
+    bindir = Path(sys.executable).parent
+    exe = lambda n: str(bindir / n) if (bindir / n).exists() else n  # noqa: E731
+    out: dict = {}
+    try:
+        svc.start("superlink", [exe("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)])
+        _wait_port(link, svc, 60)
+        for k, folder in enumerate(folders):
+            svc.start(f"supernode{k}", [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                        "--host", "127.0.0.1", "--port", str(free_port()),
+                                        "--node-config", f"site-dir='{folder}'"])
+        cmd = [exe("flwr"), "run", str(APP_DIR), "loopback", "--run-config",
+               f'config="{cfg_path}" resume={"true" if resume else "false"}']
+        sub = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
+        (logs / "flwr-run.log").write_text(sub.stdout + sub.stderr)
+        if sub.returncode != 0:
+            raise RuntimeError(f"flwr run failed ({sub.returncode}): {sub.stdout[-2000:]}{sub.stderr[-2000:]}")
+        if on_start is not None:
+            on_start(svc, status)
+        end = t0 + timeout_s
+        while not status.exists():
+            if time.time() > end:
+                raise TimeoutError(f"the deployment did not finish in {timeout_s:.0f} s (logs in {logs})")
+            svc.track()
+            dead = [d for d in svc.dead() if d.startswith("superlink")]
+            if dead:
+                raise RuntimeError(f"the SuperLink stopped: {dead} (logs in {logs})")
+            time.sleep(poll_s)
+        out = json.loads(status.read_text())
+    finally:
+        out["pids"] = svc.pids()
+        svc.stop()
+        out["processes"] = len(svc.seen)
+        out["remaining"] = svc.remaining()
+        run = workdir / "run"
+        if run.exists():
+            (run / "deploy").mkdir(exist_ok=True)
+            for f in logs.glob("*.log"):
+                (run / "deploy" / f.name).write_bytes(f.read_bytes())
+    out["wall_s"] = round(time.time() - t0, 1)
+    return out
+
+
+def _wait_port(port: int, svc: Services, timeout_s: float) -> None:
+    end = time.time() + timeout_s
+    while time.time() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if svc.dead():
+            raise RuntimeError(f"a Flower service stopped while starting: {svc.dead()}")
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from fed import load_config
+
+    ap = argparse.ArgumentParser(description="Run a federation on a loopback Flower deployment: a SuperLink and "
+                                             "one SuperNode per site, as separate processes on 127.0.0.1.")
+    ap.add_argument("--workdir", required=True, help="W/run: the run directory; W/sites: the sites' disks; "
+                                                     "W/flower: FLWR_HOME, logs")
+    ap.add_argument("--config", help="YAML experiment file (default: the demo)")
+    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--resume", action="store_true", help="continue the run in W/run")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before everything is stopped")
+    a = ap.parse_args(argv)
+    workdir = Path(a.workdir).resolve()
+    if a.resume:
+        cfg = load_config(workdir / "flower" / "config.yaml", a.overrides)
+    else:
+        cfg = load_config(a.config or str(REPO / "configs" / "demo.yaml"), a.overrides)
+    out = deploy(cfg, workdir, timeout_s=a.timeout, resume=a.resume)
+    print(json.dumps({k: v for k, v in out.items() if k != "results"}, indent=1, default=str))
+    return 0 if out.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

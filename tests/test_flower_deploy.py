@@ -1,0 +1,49 @@
+"""The federation on a loopback Flower deployment (``python -m fed.flower.deploy``): a SuperLink and one
+SuperNode per site as separate processes on 127.0.0.1, the run submitted with ``flwr run flower_app``.
+
+Slow (every message to a site is served by a fresh ``flwr-clientapp`` process: a few seconds each),
+bounded by ``deploy(timeout_s=...)``; whatever happens, every process the launcher started (and every
+descendant it saw) is stopped, which the tests check.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr", reason="Flower is not installed: pip install -r requirements-flower.txt")
+
+from conftest import tiny_overrides  # noqa: E402
+from fed import load_config  # noqa: E402
+
+LIMIT_S = 300  # the whole deployment: start, two rounds, final test, stop
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, tiny_overrides(tmp_path, "deployed", "train.condensation_epochs=1",
+                                            "train.fusion_epochs=1", "train.worker_threads=1", *extra))
+
+
+@pytest.mark.slow
+def test_hssf_two_rounds_on_a_loopback_deployment(tmp_path):
+    from fed.flower.deploy import deploy
+    from utils.logger import read_metrics
+
+    cfg = _cfg(tmp_path)
+    out = deploy(cfg, tmp_path / "w", timeout_s=LIMIT_S)
+    assert out["remaining"] == [], f"processes left running: {out['remaining']}"
+    assert out["processes"] >= 3 + 2  # SuperLink, 2 SuperNodes and their helpers
+    assert out["ok"], out.get("error", "") + "\n" + out.get("trace", "")
+    run = tmp_path / "w" / "run"
+    recs = read_metrics(run)
+    assert [r["round"] for r in recs] == [0, 1]
+    assert all(r["skipped"] == {} for r in recs)
+    assert recs[1]["bytes"]["client0"]["up"] > 0  # the condensation predictions crossed as Flower messages
+    res = json.loads((run / "results.json").read_text())
+    assert res["rounds"] == 2 and {"client0", "client1", "all"} <= set(res["test"])
+    log = (run / "train.log").read_text()
+    assert "Flower deployment: 2 SuperNodes" in log and "test split, best-val checkpoints" in log
+    assert {"superlink.log", "supernode0.log", "supernode1.log"} <= {p.name for p in (run / "deploy").iterdir()}
+    for k in range(2):  # each site kept its state on its own disk
+        site = tmp_path / "w" / "sites" / f"client{k}"
+        assert (site / "state" / f"client{k}.r1.pt").exists() and (site / "live.pt").exists()
+    assert (run / "state" / "server.r1.pt").exists()
