@@ -225,6 +225,9 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, runner: Runner, data
             return {"stopped_after": rnd}
     bar.close()
     for k, n in enumerate(runner.names):
+        if n in runner.lost:  # a site that stopped answering: its best checkpoint is its last one here
+            logger.warning(f"{n} was lost ({runner.lost[n]}): no last checkpoint")
+            continue
         atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k, "last"))
     atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(cfg.models.server, "last"))
 
@@ -257,6 +260,8 @@ def _select_best(runner: Runner, rnd: int, val: dict, best: dict, ck: Path, reco
             for k, n in enumerate(runner.names):
                 if n in val:
                     best["clients"][k] = {"dice": val[n]["dice"], "round": rnd, "val": val[n], "test": test[n]}
+                if n in runner.lost:
+                    continue
                 atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k))
             atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(arch))
             record["improved"] = ["all"]

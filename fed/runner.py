@@ -120,6 +120,7 @@ class Runner:
         self.names = [f"client{k}" for k in range(len(d.clients))]
         self.sites = {f"client{k}": s for k, s in enumerate(d.clients)}
         self.archs = {f"client{k}": a for k, a in enumerate(cfg.models.clients)}
+        self.lost: Dict[str, str] = {}  # sites that stopped answering (Flower engines), with the reason
         self._host_clients()
         self.skipped: Dict[str, str] = {}
         self.bytes = {n: {"up": 0, "down": 0} for n in self.names}

@@ -47,3 +47,50 @@ def test_hssf_two_rounds_on_a_loopback_deployment(tmp_path):
         site = tmp_path / "w" / "sites" / f"client{k}"
         assert (site / "state" / f"client{k}.r1.pt").exists() and (site / "live.pt").exists()
     assert (run / "state" / "server.r1.pt").exists()
+
+
+def _kill_after_round_0(tmp_path, killed):
+    """``on_start`` for :func:`deploy`: a thread that kills SuperNode 1 (and its processes) once round 0
+    is in the run's metrics."""
+    import threading
+    import time
+
+    def on_start(svc, status):
+        metrics = tmp_path / "w" / "run" / "metrics.jsonl"
+
+        def watch():
+            end = time.time() + LIMIT_S
+            while time.time() < end and not status.exists():
+                if metrics.exists() and metrics.read_text().strip():
+                    svc.kill("supernode1")
+                    killed["at"] = time.time()
+                    return
+                time.sleep(0.2)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    return on_start
+
+
+@pytest.mark.slow
+def test_a_site_that_dies_is_left_out_and_the_run_goes_on(tmp_path):
+    """SuperNode 1 is killed after round 0; with ``train.min_sites=1`` the server notices within
+    ``train.site_timeout_s``, logs it and finishes round 1 and the run with client0 alone."""
+    from fed.flower.deploy import deploy
+    from utils.logger import read_metrics
+
+    cfg = _cfg(tmp_path, "train.site_timeout_s=30", "train.min_sites=1")
+    killed = {}
+    out = deploy(cfg, tmp_path / "w", timeout_s=LIMIT_S, on_start=_kill_after_round_0(tmp_path, killed))
+    assert out["remaining"] == [], f"processes left running: {out['remaining']}"
+    assert "at" in killed
+    assert out["ok"], out.get("error", "") + "\n" + out.get("trace", "")
+    run = tmp_path / "w" / "run"
+    recs = read_metrics(run)
+    assert [r["round"] for r in recs] == [0, 1]
+    assert recs[0]["skipped"] == {} and list(recs[1]["skipped"]) == ["client1"]
+    assert recs[1]["skipped"]["client1"].startswith("lost: ")
+    assert "client1" not in recs[1]["val"] and "client0" in recs[1]["val"]
+    log = (run / "train.log").read_text()
+    assert "client1 (B) is lost" in log and "1 of 2 site(s) left" in log
+    assert json.loads((run / "results.json").read_text())["rounds"] == 2

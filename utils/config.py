@@ -158,6 +158,15 @@ SCHEMA: Dict[str, Any] = {
                               "CPU with the same threads per process).", check=_nonneg),
         "worker_threads": Key(0, int, "torch threads of each client worker process (0: this process's "
                               "threads divided by `client_workers`).", check=_nonneg),
+        "site_timeout_s": Key(0.0, float, "Flower engines: seconds a site has to answer one message (a step, "
+                              "an evaluation, its state writing). A site that does not answer in time, or "
+                              "whose node Flower reports unavailable, is lost: logged, left out of the rest "
+                              "of the run (listed under `skipped` in every later round) while at least "
+                              "`train.min_sites` sites remain; otherwise the run stops, its last completed "
+                              "round kept for `--resume`. 0: wait for ever.", check=_nonneg),
+        "min_sites": Key(0, int, "Flower engines: the fewest sites a run goes on with after losing sites "
+                         "(see `train.site_timeout_s`); 0: all of them (a lost site stops the run).",
+                         check=_nonneg),
     },
     "hssf": {
         "confide_theta": Key(4.0, float, "Weight of the Self-Assessment loss.", check=_nonneg),

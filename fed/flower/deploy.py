@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -146,6 +147,7 @@ class Services:
         self.procs: List[subprocess.Popen] = []
         self.names: Dict[int, str] = {}
         self.seen: Dict[int, str] = {}  # pid -> start time, every process started here or below
+        self.lock = threading.RLock()  # a test may kill a site from another thread
 
     def start(self, name: str, argv: List[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
@@ -161,6 +163,10 @@ class Services:
 
     def track(self) -> None:
         """Record the live descendants of the processes recorded so far."""
+        with self.lock:
+            self._track()
+
+    def _track(self) -> None:
         stats = {}
         for d in Path("/proc").iterdir():
             if d.name.isdigit():
@@ -178,7 +184,9 @@ class Services:
     def remaining(self) -> List[int]:
         """Recorded processes still running (zombies count as ended)."""
         out = []
-        for pid, start in self.seen.items():
+        with self.lock:
+            seen = list(self.seen.items())
+        for pid, start in seen:
             st = _proc_stat(pid)
             if st is not None and st[2] == start and st[1] != "Z":
                 out.append(pid)

@@ -45,6 +45,12 @@ SITES_DIR = "sites"  # <run>/sites/<client>: the simulated sites' disks
 #: steps that only read a party (Flower message type "query"); every other step is "train"
 READ_ONLY = {"evaluate", "weights", "end_round", "save_state", "predict_public", "send_weights"}
 START_TIMEOUT_S = 600.0
+#: Flower's error codes that mean the site is gone (its node is down, or its reply will never come)
+LOST_CODES = (5, 4)  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE
+
+
+class SitesLost(RuntimeError):
+    """Fewer sites answer than ``train.min_sites``: the run stops (its last completed round is kept)."""
 
 
 class _Simulation:
@@ -203,6 +209,19 @@ class FlowerRunner(Runner):
         return Message(content, dst_node_id=self.node[name], message_type=kind,
                        group_id=str(self._round) if self._round >= 0 else "")
 
+    def _lose(self, name: str, reason: str) -> None:
+        """``name`` stopped answering: it sits out the rest of the run, or the run stops if too few remain."""
+        self.lost[name] = reason
+        self.skipped[name] = f"lost: {reason}"
+        left = [n for n in self.names if n not in self.lost]
+        need = self.cfg.train.min_sites or len(self.names)
+        if self.logger is not None:
+            self.logger.log.error(f"{name} ({self.sites[name]}) is lost: {reason}; {len(left)} of {len(self.names)} "
+                                  f"site(s) left (train.min_sites: {need})")
+        if len(left) < need:
+            raise SitesLost(f"{', '.join(self.lost)} lost ({reason}): {len(left)} site(s) left, train.min_sites needs "
+                            f"{need}. The run stops; its last completed round is kept: resume once the sites are back")
+
     def _count(self, name: str, step: str, down: int, up: int) -> None:
         b = self.bytes.get(name)
         if b is None:
@@ -212,7 +231,10 @@ class FlowerRunner(Runner):
         b[f"{kind}_up"] = b.get(f"{kind}_up", 0) + up
 
     def _exchange(self, names: List[str], step: str, msg, kw: dict):
-        """Send ``step`` to every site of ``names``; yield ``(name, reply or ClientFailure)`` as they come."""
+        """Send ``step`` to every site of ``names``; yield ``(name, reply or ClientFailure)`` as they come.
+        A site that does not answer within ``train.site_timeout_s``, or whose node Flower reports gone, is
+        lost (:meth:`_lose`) and yields nothing."""
+        names = [n for n in names if n not in self.lost]
         if not names:
             return
         msgs = [self._message(n, step, msg, kw) for n in names]
@@ -221,12 +243,16 @@ class FlowerRunner(Runner):
         if len(ids) != len(msgs):
             raise RuntimeError(f"Flower accepted {len(ids)} of {len(msgs)} messages for step {step!r}")
         pending = {i: (n, s) for i, n, s in zip(ids, names, sizes)}
+        timeout, sent = self.cfg.train.site_timeout_s, time.time()
         while pending:
             got = list(self.grid.pull_messages(list(pending)))
             for reply in got:
                 name, down = pending.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
                     self._count(name, step, down, 0)
+                    if reply.error.code in LOST_CODES:
+                        self._lose(name, f"Flower error {reply.error.code} on {step!r}: {reply.error.reason}")
+                        continue
                     reason, _, trace = reply.error.reason.partition(TRACE)
                     yield name, ClientFailure(name, reason, trace)
                 else:
@@ -240,6 +266,11 @@ class FlowerRunner(Runner):
                 if sim is not None and not sim.alive():
                     raise RuntimeError(f"the Flower simulation stopped while {', '.join(n for n, _ in pending.values())} "
                                        f"ran {step!r}: {sim.error!r}")
+                if timeout and time.time() - sent > timeout:
+                    late, pending = [n for n, _ in pending.values()], {}
+                    for name in late:
+                        self._lose(name, f"no reply to {step!r} in {timeout:g} s")
+                    break
                 time.sleep(self.poll_s)
 
     def _calls(self, names: List[str], step: str, msg, kw: dict):
@@ -257,8 +288,12 @@ class FlowerRunner(Runner):
             if isinstance(reply, ClientFailure):
                 raise reply
             return reply
+        raise ClientFailure(name, f"lost: {self.lost.get(name)}")
 
     def _all(self, step: str, **kw) -> Dict[str, object]:
+        """A party call on every site that is not lost (a round's first call: lost sites are skipped)."""
+        for n, reason in self.lost.items():
+            self.skipped.setdefault(n, f"lost: {reason}")
         out, failures = {}, []
         for name, reply in self._exchange(list(self.names), step, None, kw):
             if isinstance(reply, ClientFailure):
@@ -267,7 +302,7 @@ class FlowerRunner(Runner):
                 out[name] = reply
         if failures:
             raise failures[0]
-        return {n: out[n] for n in self.names}
+        return {n: out[n] for n in self.names if n in out}
 
     # --- the run ----------------------------------------------------------------------------------
     def run_round(self, rnd: int) -> dict:
