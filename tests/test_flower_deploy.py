@@ -94,3 +94,30 @@ def test_a_site_that_dies_is_left_out_and_the_run_goes_on(tmp_path):
     log = (run / "train.log").read_text()
     assert "client1 (B) is lost" in log and "1 of 2 site(s) left" in log
     assert json.loads((run / "results.json").read_text())["rounds"] == 2
+
+
+@pytest.mark.slow
+def test_a_site_that_dies_stops_the_run_which_resumes_on_a_new_deployment(tmp_path):
+    """With ``train.min_sites`` at 0 (every site), losing SuperNode 1 stops the run cleanly after round
+    0 (status ``SitesLost``, round 0 committed); a new deployment with ``--resume`` finishes round 1."""
+    from fed.flower.deploy import deploy
+    from utils.logger import read_metrics
+
+    cfg = _cfg(tmp_path, "train.site_timeout_s=30")
+    killed = {}
+    out = deploy(cfg, tmp_path / "w", timeout_s=LIMIT_S, on_start=_kill_after_round_0(tmp_path, killed))
+    assert out["remaining"] == [], f"processes left running: {out['remaining']}"
+    assert "at" in killed and not out["ok"] and out["error"].startswith("SitesLost"), out
+    run = tmp_path / "w" / "run"
+    assert json.loads((run / "state" / "last.json").read_text())["round"] == 0
+    assert [r["round"] for r in read_metrics(run)] == [0] and not (run / "results.json").exists()
+    assert "client1 (B) is lost" in (run / "train.log").read_text()
+
+    again = deploy(load_config(tmp_path / "w" / "flower" / "config.yaml"), tmp_path / "w", timeout_s=LIMIT_S,
+                   resume=True)
+    assert again["remaining"] == [], f"processes left running: {again['remaining']}"
+    assert again["ok"], again.get("error", "") + "\n" + again.get("trace", "")
+    recs = read_metrics(run)
+    assert [r["round"] for r in recs] == [0, 1] and recs[1]["skipped"] == {}
+    assert "resumed" in (run / "train.log").read_text()
+    assert json.loads((run / "results.json").read_text())["rounds"] == 2

@@ -294,7 +294,8 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
 
         prepare_run_dir(cfg, dry_run=True)  # refuse an occupied run directory before starting anything
         cfg_path.write_text(yaml.safe_dump(cfg.settings(), sort_keys=False))
-    folders = provision(cfg, workdir) if not resume else sorted((workdir / "sites").iterdir())
+    folders = provision(cfg, workdir) if not resume else [workdir / "sites" / f"client{k}"
+                                                          for k in range(len(cfg.data.clients))]
     home = fl / "home"
     home.mkdir(exist_ok=True)
     link = free_port()
