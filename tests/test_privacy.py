@@ -156,3 +156,49 @@ def test_local_clients_send_nothing(tmp_path, recorded):
     assert {s for _, s, _ in method} == {"local"} and all(r is None for _, _, r in method)
     _check_run_level(cfg, recorded, _model_keys(cfg))
     assert Path(cfg.output.dir, "results.json").exists()
+
+
+@pytest.mark.slow
+def test_on_the_flower_simulation_the_wire_carries_the_same(tmp_path, monkeypatch):
+    """The replies as Flower delivers them (HSSF, two rounds, ``--engine flower-sim``): each site's
+    RecordDict holds a ``call`` record (the step, the serving process's pid, whether it read its
+    state from disk), and a payload only where the step has one; arrays only in ``predict_public``
+    (``logits``, ``grade``) and ``weights`` (the state dict, the run's checkpoints); the setup reply
+    names the site (name, index, site, arch)."""
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    import json
+
+    import fed.flower.engine as E
+    from fed.run import train
+
+    seen, real = [], E.decode_payload
+
+    def spy(content):
+        call = dict(content["call"]) if "call" in content else {}
+        arrays = {k: tuple(a.shape) for k, a in content["arrays"].items()} if "arrays" in content else {}
+        tree = json.loads(content["payload"]["tree"]) if "payload" in content else None
+        seen.append((call.get("step"), set(content.keys()), set(call), arrays, tree))
+        return real(content)
+
+    monkeypatch.setattr(E, "decode_payload", spy)
+    cfg = load_config(None, tiny_overrides(tmp_path, "sim", "train.warmup_rounds=1", "train.worker_threads=1"))
+    train(cfg, progress=False, engine="flower-sim")
+    d = cfg.data
+    N = 8 // d.batch_size * d.batch_size
+    replies = [s for s in seen if s[0] != "setup"]
+    setups = [s for s in seen if s[0] == "setup"]
+    assert len(setups) == 2 and all(set(t) == {"name", "index", "site", "arch"} for *_, t in setups)
+    assert {s[0] for s in replies} >= {"predict_public", "fuse", "local", "evaluate", "end_round"}
+    for step, records, call, arrays, tree in replies:
+        assert call == {"step", "pid", "restored"} and records <= {"call", "payload", "arrays"}
+        if step == "predict_public":
+            assert arrays == {"logits": (N, 2, d.size, d.size), "grade": (N,)}
+        elif step == "weights":
+            assert set(arrays) == _model_keys(cfg)["client0"]
+        else:
+            assert arrays == {}, step
+        if step in ("fuse", "local", "begin_round", "save_state", "rollback", "load_state"):
+            assert tree is None, step
+        if step == "evaluate":
+            assert all(set(r) <= {"group", "name", "dice", "iou", "precision", "recall", "hd95"} for r in tree)
