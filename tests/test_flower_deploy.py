@@ -121,3 +121,17 @@ def test_a_site_that_dies_stops_the_run_which_resumes_on_a_new_deployment(tmp_pa
     assert [r["round"] for r in recs] == [0, 1] and recs[1]["skipped"] == {}
     assert "resumed" in (run / "train.log").read_text()
     assert json.loads((run / "results.json").read_text())["rounds"] == 2
+
+
+def test_launcher_command_line(tmp_path):
+    """``--resume`` takes the saved config only; a new run refuses an occupied run directory before
+    starting any process."""
+    from fed.flower.deploy import deploy, main
+    from fed.run import RunDirError
+
+    with pytest.raises(SystemExit):
+        main(["--workdir", str(tmp_path), "--resume", "--set", "train.rounds=3"])
+    (tmp_path / "w" / "run").mkdir(parents=True)
+    (tmp_path / "w" / "run" / "x").write_text("occupied")
+    with pytest.raises(RunDirError):
+        deploy(_cfg(tmp_path), tmp_path / "w", timeout_s=5)

@@ -372,6 +372,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue the run in W/run")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before everything is stopped")
     a = ap.parse_args(argv)
+    if a.resume and (a.overrides or a.config):
+        ap.error("--resume continues W/run with its saved config: no --config or --set")
     workdir = Path(a.workdir).resolve()
     if a.resume:
         cfg = load_config(workdir / "flower" / "config.yaml", a.overrides)
