@@ -28,3 +28,68 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- whole runs compared bit for bit (test_protocol: order and processes; test_flower: the Flower engine) ---
+
+#: per-client byte counts that only the Flower engine adds (its wire and control messages)
+WIRE_KEYS = ("wire_up", "wire_down", "ctl_up", "ctl_down")
+
+
+def run_tiny(tmp_path, name, *extra, **kw):
+    """Train the tiny federation (1 warm-up round) with ``extra`` overrides; ``kw`` go to ``fed.run.train``."""
+    from fed import load_config
+    from fed.run import train
+
+    cfg = load_config(None, tiny_overrides(tmp_path, name, "train.warmup_rounds=1", *extra))
+    return cfg, train(cfg, progress=False, **kw)
+
+
+def run_records(cfg):
+    """A run's metrics records without timings and without the Flower engine's own byte counts."""
+    from utils.logger import read_metrics
+
+    out = []
+    for r in read_metrics(cfg.output.dir):
+        r = {k: v for k, v in r.items() if k not in ("time_s", "phase_s", "startup_s")}
+        r["bytes"] = {n: {k: v for k, v in b.items() if k not in WIRE_KEYS} for n, b in r["bytes"].items()}
+        out.append(r)
+    return out
+
+
+def run_checkpoints(cfg):
+    ck = Path(cfg.output.dir) / "checkpoints"
+    return {p.name: torch.load(p, weights_only=True) for p in sorted(ck.glob("*.pth"))}
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    return max(((x[k].double() - y[k].double()).abs().max().item() if x[k].numel() else 0.0)
+               for f in a for x, y in [(a[f], b[f])] for k in x)
+
+
+def assert_same_run(cfg_a, res_a, cfg_b, res_b):
+    """Metrics (without timings and Flower's byte counts), test results and every checkpoint tensor
+    (keys, dtypes and values) are identical; a failure names the largest difference."""
+    a, b = run_checkpoints(cfg_a), run_checkpoints(cfg_b)
+    assert a.keys() == b.keys() and a
+    for f in a:
+        assert a[f].keys() == b[f].keys()
+        assert all(a[f][k].dtype == b[f][k].dtype for k in a[f]), f
+    differ = [f"{f}:{k}" for f in a for k in a[f] if not torch.equal(a[f][k], b[f][k])]
+    assert not differ, f"{len(differ)} tensors differ (largest difference {_largest_difference(a, b):.3g}): {differ[:5]}"
+    assert run_records(cfg_a) == run_records(cfg_b)
+    assert res_a["test"] == res_b["test"] and res_a["best"] == res_b["best"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """The in-process, one-thread run that the bit-identical comparisons are made against: the tiny
+    federation, 2 rounds (1 warm-up). Session-scoped fixtures are built before module ones, so it sets
+    its own thread count."""
+    tmp = tmp_path_factory.mktemp("reference")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return tmp, *run_tiny(tmp, "reference", "train.rounds=2")
+    finally:
+        torch.set_num_threads(before)

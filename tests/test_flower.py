@@ -15,14 +15,13 @@ import torch
 pytest.importorskip("flwr", reason="Flower is not installed: pip install -r requirements-flower.txt")
 pytest.importorskip("ray", reason="Flower's simulation needs Ray: pip install -r requirements-flower.txt")
 
-from conftest import tiny_overrides  # noqa: E402
+from conftest import assert_same_run, run_tiny, tiny_overrides  # noqa: E402
 from fed import load_config  # noqa: E402
 from fed.run import train  # noqa: E402
 from utils.logger import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical comparisons: the same threads throughout
 
-WIRE_KEYS = ("wire_up", "wire_down", "ctl_up", "ctl_down")
 
 
 # --- the encoding -------------------------------------------------------------------------------------
@@ -175,55 +174,12 @@ def test_a_site_continues_from_its_disk_in_a_fresh_process_for_every_message(tmp
 
 # --- whole runs ---------------------------------------------------------------------------------------
 
-def _run(tmp_path, name, *extra, engine="inprocess", **kw):
-    cfg = load_config(None, tiny_overrides(tmp_path, name, "train.warmup_rounds=1", *extra))
-    return cfg, train(cfg, progress=False, engine=engine, **kw)
-
-
-def _records(cfg):
-    drop = ("time_s", "phase_s", "startup_s")
-    out = []
-    for r in read_metrics(cfg.output.dir):
-        r = {k: v for k, v in r.items() if k not in drop}
-        r["bytes"] = {n: {k: v for k, v in b.items() if k not in WIRE_KEYS} for n, b in r["bytes"].items()}
-        out.append(r)
-    return out
-
-
-def _ckpts(cfg):
-    ck = Path(cfg.output.dir) / "checkpoints"
-    return {p.name: torch.load(p, weights_only=True) for p in sorted(ck.glob("*.pth"))}
-
-
-def _largest_difference(a: dict, b: dict) -> float:
-    return max(((x[k].double() - y[k].double()).abs().max().item() if x[k].numel() else 0.0)
-               for f in a for x, y in [(a[f], b[f])] for k in x)
-
-
-def _assert_same_run(cfg_a, res_a, cfg_b, res_b):
-    """Metrics (without timings and Flower's byte counts), test results and every checkpoint tensor."""
-    a, b = _ckpts(cfg_a), _ckpts(cfg_b)
-    assert a.keys() == b.keys() and a
-    for f in a:
-        assert a[f].keys() == b[f].keys()
-        assert all(a[f][k].dtype == b[f][k].dtype for k in a[f]), f
-    differ = [f"{f}:{k}" for f in a for k in a[f] if not torch.equal(a[f][k], b[f][k])]
-    assert not differ, f"{len(differ)} tensors differ (largest difference {_largest_difference(a, b):.3g}): {differ[:5]}"
-    assert _records(cfg_a) == _records(cfg_b)
-    assert res_a["test"] == res_b["test"] and res_a["best"] == res_b["best"]
-
-
-@pytest.fixture(scope="module")
-def hssf_inprocess(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("flower")
-    return tmp, *_run(tmp, "inproc", "train.rounds=2")
-
 
 @pytest.mark.slow
-def test_hssf_on_flower_is_bit_identical_and_counts_flower_bytes(hssf_inprocess):
-    tmp, cfg, res = hssf_inprocess
-    cfg2, res2 = _run(tmp, "flower", "train.rounds=2", "train.worker_threads=1", engine="flower-sim")
-    _assert_same_run(cfg, res, cfg2, res2)
+def test_hssf_on_flower_is_bit_identical_and_counts_flower_bytes(reference_run):
+    tmp, cfg, res = reference_run
+    cfg2, res2 = run_tiny(tmp, "flower", "train.rounds=2", "train.worker_threads=1", engine="flower-sim")
+    assert_same_run(cfg, res, cfg2, res2)
     run = Path(cfg2.output.dir)
     assert {"config.yaml", "metrics.jsonl", "results.json", "checkpoints", "test"} <= {p.name for p in run.iterdir()}
     assert "Flower simulation: 2 nodes, 1 Ray actor(s)" in (run / "train.log").read_text()
@@ -243,25 +199,25 @@ def test_hssf_on_flower_is_bit_identical_and_counts_flower_bytes(hssf_inprocess)
 
 
 @pytest.mark.slow
-def test_flower_run_resumes_from_the_sites_disks(hssf_inprocess):
+def test_flower_run_resumes_from_the_sites_disks(reference_run):
     """Stopped after round 0 (the simulation and its processes end), resumed on a new simulation: each
     site reads its state back from its own disk, and the run ends as the uninterrupted in-process one."""
-    tmp, cfg, res = hssf_inprocess
+    tmp, cfg, res = reference_run
     cfg2 = load_config(None, tiny_overrides(tmp, "flower_resume", "train.warmup_rounds=1", "train.rounds=2",
                                             "train.worker_threads=1"))
     assert train(cfg2, progress=False, stop_after=1, engine="flower-sim") == {"stopped_after": 0}
     res2 = train(load_config(Path(cfg2.output.dir) / "config.yaml"), resume=True, progress=False, engine="flower-sim")
-    _assert_same_run(cfg, res, cfg2, res2)
+    assert_same_run(cfg, res, cfg2, res2)
 
 
 @pytest.mark.slow
 def test_lssl_on_two_actors_is_bit_identical(tmp_path):
     """Two Ray actors: a site's messages land on either process, which continues from the state the
     other wrote after every train message (state dicts of weights travel both ways)."""
-    cfg, res = _run(tmp_path, "lssl_in", "method=lssl", "train.rounds=1")
-    cfg2, res2 = _run(tmp_path, "lssl_fl", "method=lssl", "train.rounds=1", "train.client_workers=2",
+    cfg, res = run_tiny(tmp_path, "lssl_in", "method=lssl", "train.rounds=1")
+    cfg2, res2 = run_tiny(tmp_path, "lssl_fl", "method=lssl", "train.rounds=1", "train.client_workers=2",
                       "train.worker_threads=1", engine="flower-sim")
-    _assert_same_run(cfg, res, cfg2, res2)
+    assert_same_run(cfg, res, cfg2, res2)
     run = Path(cfg2.output.dir)
     log = (run / "train.log").read_text()
     assert "2 Ray actor(s)" in log
@@ -273,7 +229,7 @@ def test_lssl_on_two_actors_is_bit_identical(tmp_path):
 
 @pytest.mark.slow
 def test_local_on_flower_is_bit_identical(tmp_path):
-    cfg, res = _run(tmp_path, "local_in", "method=local", "train.rounds=1")
-    cfg2, res2 = _run(tmp_path, "local_fl", "method=local", "train.rounds=1", "train.worker_threads=1",
+    cfg, res = run_tiny(tmp_path, "local_in", "method=local", "train.rounds=1")
+    cfg2, res2 = run_tiny(tmp_path, "local_fl", "method=local", "train.rounds=1", "train.worker_threads=1",
                       engine="flower-sim")
-    _assert_same_run(cfg, res, cfg2, res2)
+    assert_same_run(cfg, res, cfg2, res2)

@@ -1,14 +1,13 @@
 """The round as a protocol: HSSF's decisions as pure functions (answers worked out by hand), keyed
 randomness (order- and process-free results), and the message accounting."""
 import itertools
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny_overrides
+from conftest import assert_same_run, run_tiny, tiny_overrides
 from fed import load_config
 from fed.base import pixel_accuracy, rpg_correct
 from fed.hssf import fold_teacher, fusion_mask, running_pick, teacher_mask
@@ -125,53 +124,25 @@ def test_nbytes_counts_payloads():
 
 # --- keyed randomness: order- and process-free rounds -----------------------------------------------
 
-def _run(tmp_path, name, *extra, order="forward"):
-    cfg = load_config(None, tiny_overrides(tmp_path, name, "train.warmup_rounds=1", *extra))
-    res = train(cfg, progress=False, order=order)
-    return cfg, res
 
-
-def _ckpts(cfg):
-    ck = Path(cfg.output.dir) / "checkpoints"
-    return {p.name: torch.load(p, weights_only=True) for p in sorted(ck.glob("*.pth"))}
-
-
-def _assert_same_run(cfg_a, res_a, cfg_b, res_b):
-    drop = ("time_s", "phase_s", "startup_s")
-    ra = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(cfg_a.output.dir)]
-    rb = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(cfg_b.output.dir)]
-    assert ra == rb
-    assert res_a["test"] == res_b["test"] and res_a["best"] == res_b["best"]
-    a, b = _ckpts(cfg_a), _ckpts(cfg_b)
-    assert a.keys() == b.keys() and a
-    for f in a:
-        assert all(torch.equal(a[f][k], b[f][k]) for k in a[f]), f
-
-
-@pytest.fixture(scope="module")
-def forward_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fwd")
-    return tmp, *_run(tmp, "fwd", "train.rounds=2")
+@pytest.mark.slow
+def test_clients_in_reverse_order_give_bit_identical_results(reference_run):
+    tmp, cfg, res = reference_run
+    cfg2, res2 = run_tiny(tmp, "rev", "train.rounds=2", order="reverse")
+    assert_same_run(cfg, res, cfg2, res2)
 
 
 @pytest.mark.slow
-def test_clients_in_reverse_order_give_bit_identical_results(forward_run):
-    tmp, cfg, res = forward_run
-    cfg2, res2 = _run(tmp, "rev", "train.rounds=2", order="reverse")
-    _assert_same_run(cfg, res, cfg2, res2)
-
-
-@pytest.mark.slow
-def test_clients_in_worker_processes_give_bit_identical_results(forward_run):
-    tmp, cfg, res = forward_run
-    cfg2, res2 = _run(tmp, "procs", "train.rounds=2", "train.client_workers=2", "train.worker_threads=1")
-    _assert_same_run(cfg, res, cfg2, res2)
+def test_clients_in_worker_processes_give_bit_identical_results(reference_run):
+    tmp, cfg, res = reference_run
+    cfg2, res2 = run_tiny(tmp, "procs", "train.rounds=2", "train.client_workers=2", "train.worker_threads=1")
+    assert_same_run(cfg, res, cfg2, res2)
     assert "2 worker processes" in (Path(cfg2.output.dir) / "train.log").read_text()
 
 
 @pytest.mark.slow
-def test_bytes_and_phase_times_are_accounted(forward_run):
-    tmp, cfg, res = forward_run
+def test_bytes_and_phase_times_are_accounted(reference_run):
+    tmp, cfg, res = reference_run
     recs = read_metrics(cfg.output.dir)
     # warm-up round: nothing crosses; round 1: per condensation pass each client sends logits
     # (N, 2, 32, 32) fp32 and grades (N,) fp32, per fusion pass it receives the same from the server
@@ -203,14 +174,14 @@ def test_every_party_rebuilds_the_same_public_batches(tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_processes_resume_to_the_same_result(forward_run):
+def test_worker_processes_resume_to_the_same_result(reference_run):
     """Each worker writes and reads its own clients' state files; a run stopped after round 0 and
     resumed with workers ends as the uninterrupted in-process run."""
-    tmp, cfg, res = forward_run
+    tmp, cfg, res = reference_run
     cfg2 = load_config(None, tiny_overrides(tmp, "procs_resume", "train.warmup_rounds=1", "train.rounds=2",
                                             "train.client_workers=2", "train.worker_threads=1"))
     assert train(cfg2, progress=False, stop_after=1) == {"stopped_after": 0}
     state = Path(cfg2.output.dir) / "state"
     assert sorted(p.name for p in state.glob("*.pt")) == ["client0.r0.pt", "client1.r0.pt", "server.r0.pt"]
     res2 = train(load_config(Path(cfg2.output.dir) / "config.yaml"), resume=True, progress=False)
-    _assert_same_run(cfg, res, cfg2, res2)
+    assert_same_run(cfg, res, cfg2, res2)
