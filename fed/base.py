@@ -26,6 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class PerClient(dict):
+    """A message with one part per client: client ``k`` receives ``msg[k]`` (``None`` where absent)."""
+
+
+def for_client(msg, k: int):
+    """The part of ``msg`` that client ``k`` receives."""
+    return msg.get(k) if isinstance(msg, PerClient) else msg
+
+
 class LossLog:
     """Running means of loss terms within a round (kept on the device: no sync per step)."""
 

@@ -15,6 +15,17 @@ Knowledge crosses between heterogeneous models only as predictions on the public
 Messages go pass by pass, so at most one pass of predictions is held at a time. During warm-up
 ``kl_theta`` is 0 and unlabeled training is off; the predictions that would only feed a zero-weighted
 KL term are then neither computed nor sent.
+
+What crosses can be reduced (``hssf.*`` settings; the public images themselves never cross: every site
+holds D_p and rebuilds each pass's batches from their key):
+
+- ``grades_first`` (exact): Condensation asks for grades first, folds them into each sample's teacher,
+  then asks each client only for the logits of the samples it teaches whose grade passes
+  ``sample_threshold`` (the others can never be used, :func:`teacher_mask`). Clients recompute those
+  batches (eval mode, same keyed inputs: the same logits).
+- ``logits_at: head`` (exact up to rounding): logits at the head's own resolution (stride 4 for the
+  DeepLabV3+ family), upsampled by the receiver with the model's own :func:`~networks.segmodel.upsample`.
+- ``logits_dtype: float16`` (lossy): logits sent in half precision, used in fp32.
 """
 from __future__ import annotations
 
@@ -22,9 +33,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from networks.segmodel import upsample
 from utils.losses import confidence_loss, kl_loss, structure_loss
 
-from .base import Method, one_hot, pixel_accuracy, rpg_correct
+from .base import Method, PerClient, one_hot, pixel_accuracy, rpg_correct
 from .local_ssl import local_epochs
 
 
@@ -45,16 +57,56 @@ def running_pick(g0: torch.Tensor, grades: torch.Tensor, threshold: float) -> Tu
 
 
 def fold_teacher(acc: Optional[dict], k: int, reply: dict) -> dict:
-    """Fold one client's Condensation reply ``{"grade": (N,), "logits": (N,2,H,W)}`` into the best so
-    far: the highest grade wins, ties go to the lower client index. Order-free: any arrival order of
-    the replies gives the same result (the first argmax over clients in index order)."""
+    """Fold one client's Condensation reply ``{"grade": (N,), "logits": (N,2,H,W)}`` (``logits`` absent
+    under ``grades_first``) into the best so far: the highest grade wins, ties go to the lower client
+    index. Order-free: any arrival order of the replies gives the same result (the first argmax over
+    clients in index order)."""
     g = reply["grade"]
     if acc is None:
-        return {"grade": g.clone(), "index": torch.full_like(g, k, dtype=torch.long), "logits": reply["logits"].clone()}
+        acc = {"grade": g.clone(), "index": torch.full_like(g, k, dtype=torch.long)}
+        if "logits" in reply:
+            acc["logits"] = reply["logits"].clone()
+        return acc
     better = (g > acc["grade"]) | ((g == acc["grade"]) & (k < acc["index"]))
     acc["grade"] = torch.where(better, g, acc["grade"])
     acc["index"] = torch.where(better, torch.full_like(acc["index"], k), acc["index"])
-    acc["logits"][better] = reply["logits"][better]
+    if "logits" in acc:
+        acc["logits"][better] = reply["logits"][better]
+    return acc
+
+
+def teacher_requests(best: dict, threshold: float) -> PerClient:
+    """Grades first: the rows whose logits each client must send, ``{k: rows (long)}``: the samples it
+    teaches (it has their highest grade) whose grade passes ``threshold``. No other teacher logits can
+    be used (:func:`teacher_mask` needs ``grade > threshold``)."""
+    usable = best["grade"] > threshold
+    return PerClient({int(k): torch.nonzero(usable & (best["index"] == k)).flatten()
+                      for k in best["index"].unique()})
+
+
+def place_teacher_rows(best: dict, asks: PerClient):
+    """A fold for the replies to :func:`teacher_requests` (``{"logits"}`` of the asked rows, in their
+    order) into one ``{"grade", "index", "logits"}`` teacher. Rows nobody delivered (a client failed)
+    keep no teacher."""
+    def fold(acc: Optional[dict], k: int, reply: dict) -> dict:
+        if acc is None:
+            acc = {"grade": best["grade"].clone(), "index": best["index"], "logits": None,
+                   "got": torch.zeros_like(best["grade"], dtype=torch.bool)}
+        rows, logits = asks.get(k), reply["logits"]
+        if rows is not None and rows.numel():
+            if acc["logits"] is None:
+                acc["logits"] = logits.new_zeros((len(acc["grade"]),) + tuple(logits.shape[1:]))
+            acc["logits"][rows] = logits
+            acc["got"][rows] = True
+        return acc
+    return fold
+
+
+def finish_teacher(acc: Optional[dict]) -> Optional[dict]:
+    """Rows without delivered logits can not teach (grade -1: never passes the threshold)."""
+    if acc is None:
+        return None
+    acc["grade"] = torch.where(acc.pop("got"), acc["grade"], torch.full_like(acc["grade"], -1.0))
     return acc
 
 
@@ -63,6 +115,11 @@ def teacher_mask(best: torch.Tensor, g0: torch.Tensor, threshold: float) -> torc
     ``threshold`` and beats the server's RPG-corrected grade ``g0``. Equal to :func:`running_pick`'s
     ``grade > g0``, with the teacher the first client of highest grade (tested)."""
     return (best > threshold) & (best > g0)
+
+
+def received(logits: torch.Tensor, size) -> torch.Tensor:
+    """Logits as they arrived (any dtype, head or input resolution) -> fp32 at the input ``size``."""
+    return upsample(logits.float(), size)
 
 
 def fusion_mask(g0: torch.Tensor, client_acc: torch.Tensor) -> torch.Tensor:
@@ -82,11 +139,19 @@ class HSSF(Method):
     def run_round(self, r, rnd: int) -> None:
         t = self.cfg.train
         warm = self.warm(rnd)
-        kl_theta = 0.0 if warm else self.cfg.hssf.kl_theta
+        h = self.cfg.hssf
+        kl_theta = 0.0 if warm else h.kl_theta
         with r.phase("condensation"):
             for e in range(t.condensation_epochs):
-                teacher = (r.clients("predict_public", rnd=rnd, phase="condensation", epoch=e, reduce=fold_teacher)
-                           if kl_theta > 0 else None)
+                teacher = None
+                if kl_theta > 0 and h.grades_first:
+                    best = r.clients("grade_public", rnd=rnd, phase="condensation", epoch=e, reduce=fold_teacher)
+                    if best is not None:
+                        asks = teacher_requests(best, h.sample_threshold)
+                        teacher = finish_teacher(r.clients("teacher_logits", asks, rnd=rnd, epoch=e,
+                                                           reduce=place_teacher_rows(best, asks)))
+                elif kl_theta > 0:
+                    teacher = r.clients("predict_public", rnd=rnd, phase="condensation", epoch=e, reduce=fold_teacher)
                 r.server("condense", teacher, rnd=rnd, epoch=e, kl_theta=kl_theta)
         with r.phase("fusion"):
             for e in range(t.fusion_epochs):
@@ -97,19 +162,44 @@ class HSSF(Method):
 
     # --- steps ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_public(self, party, msg, rnd: int, phase: str, epoch: int) -> dict:
-        """Logits and grade of every sample of one public pass, eval mode. A client's grade is its
-        pixel accuracy; the server's is the accuracy of its RPG-corrected prediction."""
+    def _public_outputs(self, party, rnd: int, phase: str, epoch: int, rows: Optional[torch.Tensor] = None):
+        """``(rows, logits as sent, grades)`` per batch of one public pass, eval mode; with ``rows``
+        only those rows (batches without one are not computed). A client's grade is its pixel accuracy;
+        the server's is the accuracy of its RPG-corrected prediction."""
+        h = self.cfg.hssf
         party.model.eval()
-        logits, grades = [], []
-        for _, x, y in party.public_batches(rnd, phase, epoch):
-            out = party.forward(x)
+        for b, x, y in party.public_batches(rnd, phase, epoch):
+            lo, n = b * x.shape[0], x.shape[0]
+            pick = None if rows is None else rows[(rows >= lo) & (rows < lo + n)] - lo
+            if pick is not None and not pick.numel():
+                continue
+            out = party.forward(x, native=h.logits_at == "head")
             p = out["mask"]
-            pred = (rpg_correct(p, out["confidence"], self.cfg.hssf.rpg_threshold) if party.name == "server"
+            pred = (rpg_correct(p, out["confidence"], h.rpg_threshold) if party.name == "server"
                     else p.argmax(1))
-            logits.append(p)
-            grades.append(pixel_accuracy(pred, y))
+            sent = (out["mask_native"] if h.logits_at == "head" else p).to(getattr(torch, h.logits_dtype))
+            grade = pixel_accuracy(pred, y)
+            if pick is None:
+                yield torch.arange(lo, lo + n), sent, grade
+            else:
+                yield pick + lo, sent[pick], grade[pick]
+
+    def predict_public(self, party, msg, rnd: int, phase: str, epoch: int) -> dict:
+        """Logits and grade of every sample of one public pass."""
+        _, logits, grades = zip(*self._public_outputs(party, rnd, phase, epoch))
         return {"logits": torch.cat(logits), "grade": torch.cat(grades)}
+
+    def grade_public(self, party, msg, rnd: int, phase: str, epoch: int) -> dict:
+        """Grades first: only the grade of every sample of one public pass."""
+        return {"grade": torch.cat([g for _, _, g in self._public_outputs(party, rnd, phase, epoch)])}
+
+    def teacher_logits(self, party, rows: Optional[torch.Tensor], rnd: int, epoch: int) -> dict:
+        """Grades first: the logits of the Condensation pass's ``rows`` (ascending) that the server
+        asked for, in that order."""
+        got = list(self._public_outputs(party, rnd, "condensation", epoch, rows=rows)) if rows is not None else []
+        if not got:
+            return {"logits": torch.zeros((0,), dtype=getattr(torch, self.cfg.hssf.logits_dtype))}
+        return {"logits": torch.cat([logits for _, logits, _ in got])}
 
     def condense(self, server, teacher: Optional[dict], rnd: int, epoch: int, kl_theta: float) -> None:
         """One pass of Regularity Condensation on the server; then its scheduler steps."""
@@ -126,11 +216,12 @@ class HSSF(Method):
             if kl_theta > 0:
                 g0 = pixel_accuracy(rpg_correct(p_g.detach(), c_g.detach(), h.rpg_threshold), y)
                 rows = slice(b * x.shape[0], (b + 1) * x.shape[0])
-                if teacher is None:  # every client failed: nothing to distil from
+                if teacher is None or teacher["logits"] is None:  # every client failed, or no usable teacher
                     mask, picked = torch.zeros_like(g0, dtype=torch.bool), p_g.detach()
                 else:
                     mask = teacher_mask(teacher["grade"][rows], g0, h.sample_threshold)
-                    picked = torch.where(mask[:, None, None, None], teacher["logits"][rows], p_g.detach())
+                    sent = received(teacher["logits"][rows], x.shape[-2:])
+                    picked = torch.where(mask[:, None, None, None], sent, p_g.detach())
                 kl = kl_loss(p_g, picked, mask, h.temperature)
                 loss = loss + kl_theta * kl
                 terms.update(cond_kl=kl, cond_taken=mask.float().mean())
@@ -153,7 +244,7 @@ class HSSF(Method):
             if kl_theta > 0:
                 rows = slice(b * x.shape[0], (b + 1) * x.shape[0])
                 mask = fusion_mask(guide["grade"][rows], pixel_accuracy(p_k.detach().argmax(1), y))
-                kl = kl_loss(p_k, guide["logits"][rows], mask, h.temperature)
+                kl = kl_loss(p_k, received(guide["logits"][rows], x.shape[-2:]), mask, h.temperature)
                 loss = loss + kl_theta * kl
                 terms.update(fus_kl=kl, fus_taken=mask.float().mean())
             client.step(loss)

@@ -85,14 +85,13 @@ class Party:
         self._round_start = None
 
     # --- computing ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, need_fp: bool = False) -> dict:
+    def forward(self, x: torch.Tensor, need_fp: bool = False, native: bool = False) -> dict:
         with self.amp.autocast():
-            out = self.model(x, need_fp=need_fp)
+            out = self.model(x, need_fp=need_fp, native=native) if native else self.model(x, need_fp=need_fp)
         if not self.amp.enabled:
             return out
         f = lambda t: t.float()  # losses in fp32
-        mask = tuple(map(f, out["mask"])) if isinstance(out["mask"], tuple) else f(out["mask"])
-        return {"mask": mask, "confidence": f(out["confidence"])}
+        return {k: tuple(map(f, v)) if isinstance(v, tuple) else f(v) for k, v in out.items()}
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

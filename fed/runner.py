@@ -8,7 +8,7 @@ A method (``fed/hssf.py``...) writes its round as a protocol, against this inter
 
 ``r.clients(step, msg, **kw)`` runs ``method.step(client, msg, **kw)`` on every active client and
 returns ``{k: reply}`` (or folds each reply into ``reduce(acc, k, reply)`` as it arrives, in any
-order); ``r.server(step, msg, **kw)`` runs ``method.step(server, msg, **kw)``. A step sees only its own
+order); a :class:`PerClient` message gives each client its own part. ``r.server(step, msg, **kw)`` runs ``method.step(server, msg, **kw)``. A step sees only its own
 party and the message; a message is plain data (tensors, numbers, small dicts). Every message to and
 from a client is counted (bytes down and up per client) and every phase is timed.
 
@@ -37,6 +37,7 @@ from utils.metrics import ScoreBook
 from utils.rng import seed_torch
 
 from . import METHODS
+from .base import PerClient, for_client
 from .party import Party, build_loader
 
 #: what a runner may ask of any party besides the method's steps
@@ -137,12 +138,11 @@ class Runner:
 
     def clients(self, step: str, msg=None, reduce: Optional[Callable] = None, **kw):
         """Run ``step`` on every active client; ``{index: reply}``, or the fold of ``reduce``."""
-        down = nbytes(msg)
         acc, replies = None, {}
         for name, reply in self._calls(self.active(), step, msg, kw):
-            self.bytes[name]["down"] += down
-            self.bytes[name]["up"] += nbytes(reply)
             k = self.names.index(name)
+            self.bytes[name]["down"] += nbytes(for_client(msg, k))
+            self.bytes[name]["up"] += nbytes(reply)
             if reduce is not None:
                 acc = reduce(acc, k, reply)
             else:
@@ -168,11 +168,14 @@ class Runner:
         skipped for the rest of the round under ``skip_client``, else the failure is raised."""
         for name in names:
             try:
-                reply = call(self.method, self.parties[name], step, msg, kw)
+                reply = call(self.method, self.parties[name], step, self._part(msg, name), kw)
             except Exception as e:  # noqa: BLE001 - any failure of one client's work
                 self._failed(ClientFailure(name, f"{type(e).__name__}: {e}", traceback.format_exc()), e)
                 continue
             yield name, reply
+
+    def _part(self, msg, name: str):
+        return for_client(msg, self.names.index(name))
 
     def _failed(self, failure: ClientFailure, original: Optional[BaseException] = None) -> None:
         if self.cfg.train.fault_tolerance != "skip_client":
@@ -313,10 +316,11 @@ class ProcessRunner(Runner):
         pending = {i: [] for i in range(len(self.conns))}
         for name in names:
             pending[self.host[name]].append(name)
-        out = to_device(msg, "cpu")
+        out = to_device(msg, "cpu") if not isinstance(msg, PerClient) else None
         for i, queue in pending.items():  # each worker gets its requests in index order
             for name in queue:
-                self.conns[i].send((name, step, out, kw))
+                part = out if out is not None else to_device(self._part(msg, name), "cpu")
+                self.conns[i].send((name, step, part, kw))
         waiting = {self.conns[i]: len(q) for i, q in pending.items() if q}
         failures = []
         while waiting:

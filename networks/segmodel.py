@@ -8,7 +8,9 @@ both to the input size (bilinear, align_corners=False) and returns::
 
 With ``need_fp=True`` (UniMatch-style feature perturbation, SPEC section 2) every feature map is
 doubled as ``[f, Dropout2d(0.5)(f)]`` along the batch; ``mask`` is then the pair ``(clean, perturbed)``
-and ``confidence`` covers the doubled batch (its first half is the clean one).
+and ``confidence`` covers the doubled batch (its first half is the clean one). With ``native=True`` the
+dict also holds ``'mask_native'``: the mask logits at the head's own resolution (stride 4 for the
+DeepLabV3+ family), before :func:`upsample`; ``upsample(mask_native, (H, W))`` is ``mask``.
 """
 from __future__ import annotations
 
@@ -62,6 +64,13 @@ def init_head_(module: nn.Module) -> None:
             nn.init.constant_(m.bias, 0)
 
 
+def upsample(logits: torch.Tensor, size) -> torch.Tensor:
+    """Head resolution -> input size: bilinear, align_corners=False (the one upsampling of every model)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 class SegModel(nn.Module):
     """``backbone`` + ``classifier`` (the head), with the official parameter names.
 
@@ -92,19 +101,22 @@ class SegModel(nn.Module):
                 f"{self.accepted_sizes()} (height and width); got {h}x{w}. "
                 f"Set data.size accordingly.")
 
-    def forward(self, x: torch.Tensor, need_fp: bool = False) -> Dict[str, object]:
+    def forward(self, x: torch.Tensor, need_fp: bool = False, native: bool = False) -> Dict[str, object]:
         h, w = x.shape[-2:]
         self.check_size(h, w)
         feats = self.backbone(x)
         if need_fp:
             feats = {k: torch.cat([f, F.dropout2d(f, self.fp_rate, training=True)])
                      for k, f in feats.items()}
-        mask, confidence = self.classifier(feats)
-        mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
-        confidence = F.interpolate(confidence, size=(h, w), mode="bilinear", align_corners=False)
+        low, confidence = self.classifier(feats)
+        mask = upsample(low, (h, w))
+        confidence = upsample(confidence, (h, w))
         if need_fp:
             return {"mask": tuple(mask.chunk(2)), "confidence": confidence}
-        return {"mask": mask, "confidence": confidence}
+        out = {"mask": mask, "confidence": confidence}
+        if native:
+            out["mask_native"] = low
+        return out
 
 
 def head_output(head: SelfAssessmentHead, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -45,14 +45,17 @@ def run_tiny(tmp_path, name, *extra, **kw):
     return cfg, train(cfg, progress=False, **kw)
 
 
-def run_records(cfg):
-    """A run's metrics records without timings and without the Flower engine's own byte counts."""
+def run_records(cfg, with_bytes: bool = True):
+    """A run's metrics records without timings and without the Flower engine's own byte counts
+    (without any byte counts unless ``with_bytes``)."""
     from utils.logger import read_metrics
 
     out = []
     for r in read_metrics(cfg.output.dir):
         r = {k: v for k, v in r.items() if k not in ("time_s", "phase_s", "startup_s")}
         r["bytes"] = {n: {k: v for k, v in b.items() if k not in WIRE_KEYS} for n, b in r["bytes"].items()}
+        if not with_bytes:
+            del r["bytes"]
         out.append(r)
     return out
 
@@ -67,9 +70,10 @@ def _largest_difference(a: dict, b: dict) -> float:
                for f in a for x, y in [(a[f], b[f])] for k in x)
 
 
-def assert_same_run(cfg_a, res_a, cfg_b, res_b):
-    """Metrics (without timings and Flower's byte counts), test results and every checkpoint tensor
-    (keys, dtypes and values) are identical; a failure names the largest difference."""
+def assert_same_run(cfg_a, res_a, cfg_b, res_b, with_bytes: bool = True):
+    """Metrics (without timings and Flower's byte counts; without any byte counts unless ``with_bytes``),
+    test results and every checkpoint tensor (keys, dtypes and values) are identical; a failure names the
+    largest difference."""
     a, b = run_checkpoints(cfg_a), run_checkpoints(cfg_b)
     assert a.keys() == b.keys() and a
     for f in a:
@@ -77,7 +81,7 @@ def assert_same_run(cfg_a, res_a, cfg_b, res_b):
         assert all(a[f][k].dtype == b[f][k].dtype for k in a[f]), f
     differ = [f"{f}:{k}" for f in a for k in a[f] if not torch.equal(a[f][k], b[f][k])]
     assert not differ, f"{len(differ)} tensors differ (largest difference {_largest_difference(a, b):.3g}): {differ[:5]}"
-    assert run_records(cfg_a) == run_records(cfg_b)
+    assert run_records(cfg_a, with_bytes) == run_records(cfg_b, with_bytes)
     assert res_a["test"] == res_b["test"] and res_a["best"] == res_b["best"]
 
 

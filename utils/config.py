@@ -180,6 +180,14 @@ SCHEMA: Dict[str, Any] = {
         "feature_perturbation": Key(True, bool, "Feature-perturbation consistency in the local step."),
         "rpg": Key(True, bool, "Reliable Pseudo-label Generation (flip + sample gate); off = plain "
                    "pseudo-labels, no gate."),
+        "grades_first": Key(False, bool, "Exchange reduction (exact): Condensation collects grades first, "
+                            "then only the logits the server can use (each sample's best client, where its "
+                            "grade passes `sample_threshold`); clients recompute those batches."),
+        "logits_at": Key("input", str, "Exchange reduction (exact up to rounding): `head` sends logits at "
+                         "the decoder head's resolution (stride 4 for DeepLabV3+), upsampled by the "
+                         "receiver; `input`: at the input size.", choices=["input", "head"]),
+        "logits_dtype": Key("float32", str, "Exchange reduction (lossy): `float16` sends logits in half "
+                            "precision (used in fp32).", choices=["float32", "float16"]),
     },
     "output": {
         "dir": Key("runs/{name}", str, "Run directory; `{name}` is replaced by `name`."),

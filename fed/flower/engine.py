@@ -203,7 +203,7 @@ class FlowerRunner(Runner):
         kwr = encode_kw(kw, call)
         if kwr is not None:
             content["kw"] = kwr
-        encode_payload(to_device(msg, "cpu"), content)
+        encode_payload(to_device(self._part(msg, name), "cpu"), content)
         if kind == "train":
             self.version[name] += 1
         return Message(content, dst_node_id=self.node[name], message_type=kind,
