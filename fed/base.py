@@ -90,6 +90,11 @@ class Method:
         """Problems with ``cfg`` specific to this method (reported before anything runs)."""
         return []
 
+    def setup(self, party) -> None:
+        """Make what this method keeps on ``party`` between rounds (``party.extra``: a teacher copy, an
+        extra network...), right after the party is built, in every process that hosts it. Seed any
+        random initialisation from a key (``utils.rng.seed_torch(cfg.seed, "init", party.name, ...)``)."""
+
     def run_round(self, r, rnd: int) -> None:
         raise NotImplementedError
 

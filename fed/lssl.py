@@ -58,10 +58,12 @@ class LSSL(Method):
         server.model.load_state_dict(avg)
         return avg
 
+    def setup(self, party) -> None:
+        if party.name != "server":
+            party.extra["global"] = copy.deepcopy(party.model)  # the global model this client received
+
     def local(self, client, avg: dict, rnd: int, warm: bool) -> None:
         client.model.load_state_dict(avg)
-        if "global" not in client.extra:
-            client.extra["global"] = copy.deepcopy(client.model)
         client.extra["global"].load_state_dict(avg)
         local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=not warm)
 

@@ -81,7 +81,10 @@ class Party:
         self.log = LossLog()
         # what a method keeps on the party between its steps (lssl: the global model it received);
         # rebuilt by the method within each round, so not part of the training state
-        self.extra: Dict[str, nn.Module] = {}
+        #: what a method keeps on this party between rounds (a teacher model, a prototype, a matrix):
+        #: modules/optimizers made by ``Method.setup`` (restored by ``load_state_dict``), or tensors and
+        #: plain values (replaced). Saved with the party's state (resume, Flower sites).
+        self.extra: Dict[str, object] = {}
         self._round_start = None
 
     # --- computing ------------------------------------------------------------------------------
@@ -158,14 +161,24 @@ class Party:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def state_dict(self) -> dict:
+        """Model, optimizer, schedule, scaler and the method's :attr:`extra` state (modules as state dicts)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "extra": {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in self.extra.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        saved = state.get("extra", {})
+        for k in [k for k in self.extra if k not in saved and not hasattr(self.extra[k], "state_dict")]:
+            del self.extra[k]  # plain values that did not exist yet at that point
+        for k, v in saved.items():
+            if hasattr(self.extra.get(k), "state_dict"):  # modules and optimizers the method set up
+                self.extra[k].load_state_dict(v)
+            else:
+                self.extra[k] = v
 
     def state_path(self, folder, rnd: int) -> Path:
         return Path(folder) / f"{self.name}.r{rnd}.pt"

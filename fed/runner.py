@@ -83,7 +83,9 @@ def make_party(cfg, amp: Amp, name: str, arch: str, items: Dict[str, list], publ
             loaders[which] = build_loader(SegDataset(items[key], d.size, mode, cache=d.cache).preload(), d, amp.device)
     seed_torch(cfg.seed, "init", name)
     model = networks.build_model(arch, pretrained=cfg.models.pretrained)
-    return Party(name, arch, model, cfg, amp, loaders, index=index, site=site)
+    party = Party(name, arch, model, cfg, amp, loaders, index=index, site=site)
+    METHODS[cfg.method](cfg).setup(party)
+    return party
 
 
 def call(method, party: Party, step: str, msg, kw: dict):

@@ -28,7 +28,6 @@ persistence ``"save_state"`` a site must be served by one process between save p
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import traceback
@@ -103,8 +102,7 @@ class Site:
     def live_state(self) -> dict:
         p = self.party
         return {"run": self.run, "version": self.version, "party": p.state_dict(),
-                "log_sum": dict(p.log._sum), "log_n": dict(p.log._n),
-                "extra": {k: m.state_dict() for k, m in p.extra.items()}, "round_start": p._round_start}
+                "log_sum": dict(p.log._sum), "log_n": dict(p.log._n), "round_start": p._round_start}
 
     def write_live(self) -> None:
         atomic_torch_save(self.live_state(), self.folder / LIVE)
@@ -113,12 +111,6 @@ class Site:
         p = self.party
         p.load_state_dict(state["party"])
         p.log._sum, p.log._n = dict(state["log_sum"]), defaultdict(int, state["log_n"])
-        for k in [k for k in p.extra if k not in state["extra"]]:
-            del p.extra[k]
-        for k, sd in state["extra"].items():  # the method's extra models: copies of the party's own model
-            if k not in p.extra:
-                p.extra[k] = copy.deepcopy(p.model)
-            p.extra[k].load_state_dict(sd)
         p._round_start = state["round_start"]
         self.version = state["version"]
 
