@@ -39,16 +39,28 @@ def pseudo_label(p_w: torch.Tensor, p_s: torch.Tensor, conf_w: torch.Tensor, con
     return pseudo, conf.mean(dim=(1, 2)) > sample_threshold
 
 
-def supervised_pass(party, which: str, rnd: int, phase: str, epoch: int, h, tag: str = "sup") -> None:
-    """One keyed pass of ``seg + confide_theta * SA`` over the labeled loader ``which``."""
+def supervised_pass(party, which: str, rnd: int, phase: str, epoch: int, h, tag: str = "sup",
+                    regularizer=None, forward_kw: Optional[dict] = None) -> None:
+    """One keyed pass of ``seg + confide_theta * SA`` over the labeled loader ``which``.
+
+    ``regularizer(party, out, labels, valid)`` (a method's own term, e.g. a baseline's): returns
+    ``(loss, {name: value})`` added to the batch's loss, or None; ``labels`` (B,H,W), ``valid`` (B,H,W)
+    bool. ``forward_kw``: extra arguments of ``party.forward`` the regularizer needs."""
     party.model.train()
     for _, x, y in party.batches(which, rnd, phase, epoch):
         target = one_hot(y)
-        out = party.forward(x)
+        out = party.forward(x, **(forward_kw or {}))
         seg = structure_loss(out["mask"], target)
         sa = confidence_loss(out["mask"].detach(), out["confidence"], target)
-        party.step(seg + h.confide_theta * sa)
-        party.log.add(**{f"{tag}_seg": seg, f"{tag}_sa": sa})
+        loss, terms = seg + h.confide_theta * sa, {f"{tag}_seg": seg, f"{tag}_sa": sa}
+        if regularizer is not None:
+            labels = y[:, 0].long()
+            extra = regularizer(party, out, labels, torch.ones_like(labels, dtype=torch.bool))
+            if extra is not None:
+                loss = loss + extra[0]
+                terms.update({f"{tag}_{k}": v for k, v in extra[1].items()})
+        party.step(loss)
+        party.log.add(**terms)
 
 
 def unlabeled_pass(party, rnd: int, epoch: int, h) -> None:

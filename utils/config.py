@@ -189,6 +189,14 @@ SCHEMA: Dict[str, Any] = {
         "logits_dtype": Key("float32", str, "Exchange reduction (lossy): `float16` sends logits in half "
                             "precision (used in fp32).", choices=["float32", "float16"]),
     },
+    "baselines": {
+        "local_step": Key("fixmatch", str, "Heterogeneous baselines' local step on unlabeled data "
+                          "(BASELINES.md section 12): `fixmatch` (pixel pseudo-labels from the weak view, "
+                          "confidence >= `baselines.tau`, CE on the strong view) or `hssf` (HSSF's local step).",
+                          choices=["fixmatch", "hssf"]),
+        "tau": Key(0.95, float, "Confidence threshold of the `fixmatch` local step.", check=_unit),
+        "unlabeled_weight": Key(1.0, float, "Weight of the local pseudo-label loss.", check=_nonneg),
+    },
     "output": {
         "dir": Key("runs/{name}", str, "Run directory; `{name}` is replaced by `name`."),
     },
