@@ -81,6 +81,8 @@ class Method:
     uses_warmup = True
     #: what crosses between the parties, in words (README, logs)
     sends = {"up": "nothing", "down": "nothing"}
+    #: steps that only read their party (no training, no state change): Flower sends them as "query"
+    read_only: frozenset = frozenset()
 
     def __init__(self, cfg):
         self.cfg = cfg

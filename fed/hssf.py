@@ -135,6 +135,7 @@ class HSSF(Method):
                    "public batches",
              "down": "per pass of Fusion: the server's logits (N,2,H,W) and RPG-corrected grades (N,) "
                      "on the public batches"}
+    read_only = frozenset({"predict_public", "grade_public", "teacher_logits"})
 
     def run_round(self, r, rnd: int) -> None:
         t = self.cfg.train

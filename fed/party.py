@@ -88,9 +88,11 @@ class Party:
         self._round_start = None
 
     # --- computing ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, need_fp: bool = False, native: bool = False) -> dict:
+    def forward(self, x: torch.Tensor, need_fp: bool = False, native: bool = False, features: bool = False) -> dict:
+        """The model's outputs (:class:`networks.segmodel.SegModel`); ``features``: also the decoder feature."""
+        flags = {k: True for k, v in (("native", native), ("features", features)) if v}
         with self.amp.autocast():
-            out = self.model(x, need_fp=need_fp, native=native) if native else self.model(x, need_fp=need_fp)
+            out = self.model(x, need_fp=need_fp, **flags)
         if not self.amp.enabled:
             return out
         f = lambda t: t.float()  # losses in fp32
@@ -154,6 +156,23 @@ class Party:
         book = ScoreBook()
         if split in self.loaders:
             score_model(model, self.loaders[split], self.amp, book, self.name)
+        return book.rows
+
+    def test_weights(self, weights: dict, arch: str, overlay_dir=None, overlays: int = 0) -> list:
+        """The final test, where the data lives: ``weights`` (of architecture ``arch``: this party's own,
+        or the global model's) scored on this party's test split with batch 1 and HD95 (fp32); the
+        per-image rows. Overlays (images!) are written here, into ``overlay_dir``."""
+        import networks
+
+        book = ScoreBook()
+        if "test" not in self.loaders:
+            return book.rows
+        model = networks.build_model(arch)
+        model.load_state_dict(weights)
+        loader = DataLoader(self.loaders["test"].dataset, batch_size=1, shuffle=False, num_workers=0,
+                            collate_fn=collate_names)
+        score_model(model.to(self.amp.device), loader, self.amp, book, self.name, with_hd95=True,
+                    overlay_dir=Path(overlay_dir) if overlay_dir and overlays else None, overlays=overlays)
         return book.rows
 
     def weights(self) -> dict:

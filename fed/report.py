@@ -74,7 +74,14 @@ def evaluate_checkpoints(cfg, ckpt_dir, out_dir, data=None, device=None, split: 
         score_model(model, loader, amp, book, f"client{k}", with_hd95=True,
                     overlay_dir=out_dir / "overlays" if overlays else None, overlays=overlays)
         rows.append({"client": k, "site": site, "arch": arch_k, "checkpoint": str(paths[k])})
-    summary = {f"client{k}": book.summary(f"client{k}", scale=100.0) for k in range(len(rows))}
+    return write_report(book, rows, out_dir, split)
+
+
+def write_report(book: ScoreBook, rows: list, out_dir, split: str = "test") -> dict:
+    """Summaries per client (``rows``: client, site, arch, checkpoint) and over every image; writes
+    ``summary.json``, ``per_image.csv`` and ``table.txt`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    summary = {f"client{r['client']}": book.summary(f"client{r['client']}", scale=100.0) for r in rows}
     summary["all"] = book.summary(None, scale=100.0)
     result = {"split": split, "clients": rows, "summary": summary}
     result["latex"] = latex_rows(result)

@@ -231,19 +231,36 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, runner: Runner, data
         atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k, "last"))
     atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(cfg.models.server, "last"))
 
-    from .report import evaluate_checkpoints, format_table
-
     tt = time.perf_counter()
-    final = evaluate_checkpoints(cfg, ck, run / "test", data=data, device=runner.device, overlays=4,
-                                 progress=progress)
+    final = _final_test(cfg, runner, ck, run / "test", logger)
     results = {"name": cfg.name, "method": cfg.method, "rounds": R,
                "wall_time_s": round(time.time() - t0, 1),  # this invocation (a resumed run: since the resume)
                "rounds_time_s": round(_rounds_time(logger.metrics_path), 1),  # all rounds, across resumes
                "final_test_s": round(time.perf_counter() - tt, 1),
                "best": best, "test": final["summary"]}
     atomic_write_text(run / "results.json", json.dumps(results, indent=2))
-    logger.info("test split, best-val checkpoints (batch 1, every image):\n" + format_table(final))
+    from .report import format_table
+
+    logger.info("test split, best-val checkpoints (batch 1, every image, scored at each site):\n" + format_table(final))
     return results
+
+
+def _final_test(cfg, runner: Runner, ck: Path, out: Path, logger: RunLogger) -> dict:
+    """The test protocol at the sites: each client is sent its best-validation weights and scores them
+    on its own test split (batch 1, HD95, fp32; overlays stay at the site); the server writes the report."""
+    from . import METHODS
+    from .report import checkpoint_paths, write_report
+
+    shared = METHODS[cfg.method].shared_model
+    paths = checkpoint_paths(cfg, ck, "best")
+    archs = {n: cfg.models.server if shared else runner.archs[n] for n in runner.names}
+    weights = {n: safe_load(p) for n, p in zip(runner.names, paths) if n not in runner.lost}
+    book = runner.final_test(weights, archs, out / "overlays", overlays=4)
+    rows = [{"client": k, "site": runner.sites[n], "arch": archs[n], "checkpoint": str(paths[k])}
+            for k, n in enumerate(runner.names) if n not in runner.lost]
+    for n in runner.lost:
+        logger.warning(f"{n} was lost ({runner.lost[n]}): not tested")
+    return write_report(book, rows, out)
 
 
 def _rounds_time(metrics_path: Path) -> float:

@@ -41,7 +41,8 @@ from .base import PerClient, for_client
 from .party import Party, build_loader
 
 #: what a runner may ask of any party besides the method's steps
-PARTY_CALLS = ("begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate")
+PARTY_CALLS = ("begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate",
+               "test_weights")
 
 
 def nbytes(msg) -> int:
@@ -92,6 +93,8 @@ def call(method, party: Party, step: str, msg, kw: dict):
     """Run ``step`` on ``party``: a method step ``method.step(party, msg, **kw)`` or a party call."""
     if step == "evaluate":  # the method says which model a client scores (lssl: the global one)
         return party.evaluate(method.eval_model(party), **kw)
+    if step == "test_weights":  # the final test: the message is the weights to score
+        return party.test_weights(msg, **kw)
     if step in PARTY_CALLS:
         return getattr(party, step)(**kw)
     return getattr(method, step)(party, msg, **kw)
@@ -220,6 +223,20 @@ class Runner:
         got = dict(self._calls(names, "evaluate", None, {"split": split}))
         for name in names:  # client order, whatever the order of the replies: pooled means are exact
             book.rows.extend(got.get(name, []))
+        return book
+
+    def final_test(self, weights: Dict[str, dict], archs: Dict[str, str], overlay_dir: Path,
+                   overlays: int = 4) -> ScoreBook:
+        """Each client scores the weights it is sent (its best checkpoint) on its own test split, where
+        its data lives; the rows come back in client order. A lost site gives none."""
+        names = [n for n in self.names if n in weights and n not in self.lost]
+        book = ScoreBook()
+        got = {}
+        for n in names:  # one message each: a model per site (not a method message: not counted)
+            got.update(self._calls([n], "test_weights", weights[n],
+                                   {"arch": archs[n], "overlay_dir": overlay_dir, "overlays": overlays}))
+        for n in names:
+            book.rows.extend(got.get(n, []))
         return book
 
     def client_weights(self, name: str) -> dict:

@@ -196,6 +196,21 @@ def test_hssf_on_flower_is_bit_identical_and_counts_flower_bytes(reference_run):
         assert json.loads((site / "entry.json").read_text())["name"] == f"client{k}"
         assert not (site / "live.pt").exists()  # one actor: state persisted at the save points only
     assert sorted(p.name for p in (run / "state").glob("*.pt")) == ["server.r1.pt"]
+    # the final test ran at the sites: its overlays (the sites' images) stay there, the rows came back
+    assert not (run / "test" / "overlays").exists() and (run / "test" / "per_image.csv").exists()
+    for k in range(2):
+        assert len(list((run / "sites" / f"client{k}" / "test_overlays").glob(f"client{k}__*.png"))) == 3
+
+
+def test_exact_reductions_on_flower_are_bit_identical(reference_run):
+    """Grades first (per-client row requests on the wire) and head-resolution logits: the reference run."""
+    tmp, cfg, res = reference_run
+    cfg2, res2 = run_tiny(tmp, "flower_reduced", "train.rounds=2", "train.worker_threads=1", "hssf.grades_first=true",
+                          "hssf.logits_at=head", engine="flower-sim")
+    assert_same_run(cfg, res, cfg2, res2, with_bytes=False)
+    up = read_metrics(cfg2.output.dir)[1]["bytes"]["client0"]
+    full = read_metrics(cfg.output.dir)[1]["bytes"]["client0"]
+    assert up["wire_up"] < full["up"] / 10  # at most 1/16 of the pixels, of at most the samples it teaches
 
 
 @pytest.mark.slow

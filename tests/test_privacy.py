@@ -12,8 +12,10 @@ carries only what the method declares:
 
 Outside the method, the *run* asks every client for (stated here, so that a change shows up):
 
-- ``evaluate``: per-image metric rows ``{"group", "name", dice, iou, precision, recall[, hd95]}``:
-  image names and numbers only -- the one run-level message that names local images;
+- ``evaluate`` (val/test during the run) and ``test_weights`` (the final test: the site scores the
+  weights it is sent on its own test split): per-image metric rows ``{"group", "name", dice, iou,
+  precision, recall[, hd95]}``: image names and numbers only -- the run-level messages that name local
+  images (the final test's overlays stay at the site);
 - ``end_round``: the mean loss terms and the learning rate (numbers);
 - ``weights``: the client's model state dict, for the server to keep the best/last client checkpoints
   (``fed.run``): the run, not the method, moves the client models (hssf and local included);
@@ -30,7 +32,7 @@ from fed import load_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUMBER = (int, float, type(None))
-RUN_LEVEL = {"evaluate", "end_round", "weights", "begin_round", "rollback", "save_state", "load_state"}
+RUN_LEVEL = {"evaluate", "test_weights", "end_round", "weights", "begin_round", "rollback", "save_state", "load_state"}
 
 
 @pytest.fixture
@@ -84,7 +86,7 @@ def _check_run_level(cfg, seen, model_keys):
     for party, step, reply in seen:
         if step not in RUN_LEVEL:
             continue
-        if step == "evaluate":
+        if step in ("evaluate", "test_weights"):
             assert isinstance(reply, list) and reply, (party, step)
             for row in reply:
                 assert set(row) <= {"group", "name", "dice", "iou", "precision", "recall", "hd95"}, row
@@ -196,6 +198,9 @@ def test_on_the_flower_simulation_the_wire_carries_the_same(tmp_path, monkeypatc
             assert arrays == {"logits": (N, 2, d.size, d.size), "grade": (N,)}
         elif step == "weights":
             assert set(arrays) == _model_keys(cfg)["client0"]
+        elif step == "test_weights":  # rows of names and numbers, like evaluate's
+            assert arrays == {} and all(set(r) <= {"group", "name", "dice", "iou", "precision", "recall", "hd95"}
+                                        for r in tree), tree
         else:
             assert arrays == {}, step
         if step in ("fuse", "local", "begin_round", "save_state", "rollback", "load_state"):

@@ -22,8 +22,9 @@ Two halves:
 
 Layout of ``--workdir W``: ``W/run`` (the run directory, as ``train.py`` writes it), ``W/sites/client{k}``
 (the sites' disks), ``W/flower`` (``FLWR_HOME``, the resolved ``config.yaml``, ``status.json``, logs).
-The final test table is computed by the server from the best checkpoints and the test files, as in
-``train.py``: on loopback the server can read every site's files; across real sites it could not.
+The final test runs at the sites, as in ``train.py``: each site is sent its best-validation weights,
+scores them on its own test split and returns the per-image rows (its overlays stay in its folder); the
+server reads no site's files.
 """
 from __future__ import annotations
 

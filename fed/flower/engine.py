@@ -42,8 +42,9 @@ from .codec import content_bytes, decode_payload, encode_kw, encode_payload
 from .site import SETUP, TRACE, make_client_app, write_entry
 
 SITES_DIR = "sites"  # <run>/sites/<client>: the simulated sites' disks
-#: steps that only read a party (Flower message type "query"); every other step is "train"
-READ_ONLY = {"evaluate", "weights", "end_round", "save_state", "predict_public", "send_weights"}
+#: party calls that only read a party (Flower message type "query"), with a method's ``read_only`` steps;
+#: every other step is "train"
+READ_ONLY = {"evaluate", "weights", "end_round", "save_state", "test_weights"}
 START_TIMEOUT_S = 600.0
 #: Flower's error codes that mean the site is gone (its node is down, or its reply will never come)
 LOST_CODES = (5, 4)  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE
@@ -197,7 +198,7 @@ class FlowerRunner(Runner):
     def _message(self, name: str, step: str, msg, kw: dict):
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        kind = "query" if step in READ_ONLY else "train"
+        kind = "query" if step in READ_ONLY or step in self.method.read_only else "train"
         call = ConfigRecord({"step": step, "run": self.run_key, "version": self.version[name]})
         content = RecordDict({"call": call})
         kwr = encode_kw(kw, call)

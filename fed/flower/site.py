@@ -192,6 +192,8 @@ def serve(message: Message, context: Context, sites_root: Optional[str] = None) 
             kw = decode_kw(content)
             if step in ("save_state", "load_state"):  # the site's own disk, whatever the server's folder is
                 kw["folder"] = folder / STATE
+            if step == "test_weights":  # test overlays show the site's images: they stay on its disk
+                kw["overlay_dir"] = folder / "test_overlays"
             msg = to_device(decode_payload(content), site.device)
             mutating = message.metadata.message_type.split(".")[0] == "train"
             try:
