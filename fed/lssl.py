@@ -5,6 +5,10 @@ entry (BatchNorm buffers included) as the global model and sends it back; every 
 runs the local step of :mod:`fed.local_ssl` with the *public* labeled set as its labeled data (plus its
 own unlabeled data after the warm-up). The global model is the one evaluated (each client keeps the
 copy it received) and checkpointed. All clients and the server must share one architecture.
+
+The homogeneous semi-supervised baselines (``mean_teacher``, ``fixmatch``, ``unimatch``) are this
+protocol with another unlabeled pass: they subclass :class:`LSSL` and override :meth:`LSSL.unlabeled_pass`
+(the supervised pass on D_p, the warm-up, the schedule and FedAvg stay as here).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Dict, List
 import torch
 
 from .base import Method
-from .local_ssl import local_epochs
+from .local_ssl import supervised_pass, unlabeled_pass
 
 
 @torch.no_grad()
@@ -34,12 +38,13 @@ class LSSL(Method):
     name = "lssl"
     shared_model = True
     sends = {"up": "model weights (every state-dict entry)", "down": "the averaged global weights"}
+    read_only = frozenset({"send_weights"})
 
     @classmethod
     def check_config(cls, cfg):
         archs = set(cfg.models.clients) | {cfg.models.server}
         if len(archs) > 1:
-            return [f"method lssl averages weights, so models.server and every models.clients entry "
+            return [f"method {cls.name} averages weights, so models.server and every models.clients entry "
                     f"must be one architecture (got {', '.join(sorted(archs))})"]
         return []
 
@@ -65,7 +70,22 @@ class LSSL(Method):
     def local(self, client, avg: dict, rnd: int, warm: bool) -> None:
         client.model.load_state_dict(avg)
         client.extra["global"].load_state_dict(avg)
-        local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=not warm)
+        self.local_epochs(client, rnd, warm)
+
+    def local_epochs(self, client, rnd: int, warm: bool) -> None:
+        """:func:`fed.local_ssl.local_epochs` with D_p as labeled data and this method's unlabeled pass:
+        per local epoch the supervised pass on D_p, then (after the warm-up) :meth:`unlabeled_pass`,
+        then one scheduler step."""
+        for e in range(self.cfg.train.local_epochs):
+            if client.has("public"):
+                supervised_pass(client, "public", rnd, "local_public", e, self.cfg.hssf)
+            if not warm and client.has("unlabeled"):
+                self.unlabeled_pass(client, rnd, e)
+            client.scheduler.step()
+
+    def unlabeled_pass(self, client, rnd: int, epoch: int) -> None:
+        """One pass over the client's unlabeled data (LSSL: the HSSF local step of :mod:`fed.local_ssl`)."""
+        unlabeled_pass(client, rnd, epoch, self.cfg.hssf)
 
     def eval_model(self, party):
         return party.extra.get("global", party.model)

@@ -1,0 +1,49 @@
+"""FixMatch federated by FedAvg on the LSSL protocol (``../shared/BASELINES.md`` §2 and §0).
+
+Every round is :class:`fed.lssl.LSSL`'s (uniform FedAvg of every state-dict entry; per local epoch the
+supervised pass on D_p, then, after ``train.warmup_rounds``, the unlabeled pass). The unlabeled pass is
+the segmentation FixMatch of UniMatch's repository (``fixmatch.py``), per batch of aligned views:
+
+* pseudo-labels: the model on the weak view ``x_w`` without gradient (training mode, as the reference's
+  weak forward), per pixel ``y = argmax p`` and ``conf = max p`` (:func:`fed.hetero_local.confident_labels`);
+* the strong view ``x_s`` (``fixmatch.strong``): ``unimatch`` (default) builds it from ``x_w`` on tensors
+  with UniMatch's colour jitter, grayscale and blur (:mod:`utils.strong_views`); ``randaugment`` takes the
+  loaders' strong view (``x_w`` + RandAugmentMC(2, 10) + ``data.public_noise`` noise, HSSF's);
+* CutMix (``fixmatch.cutmix``, default on, p 0.5, 2-40% of the image): inside the box the strong view,
+  the pseudo-labels and the confidence mask come from the mixing image, another image of the same batch
+  (:func:`utils.strong_views.mix_partner`; its labels from its own weak forward of this step, where the
+  reference makes an extra eval-mode pass on a second unlabeled batch);
+* ``L_u`` = sum over pixels of ``CE(f(x_s), y) * [conf >= 0.95]`` divided by the number of *all* pixels
+  (:func:`fed.hetero_local.masked_ce`; no pixel is ignored in our data).
+
+**Loss mapping.** The reference steps on ``L = (L_x + L_u) / 2`` with one labeled and one unlabeled batch
+per step. Here the supervised pass steps on ``L_x`` (the harness loss ``seg + confide_theta * SA`` on D_p)
+and the unlabeled pass on ``fixmatch.unlabeled_weight * L_u`` (lambda_u = 1): the 1:1 weighting is kept;
+the common factor 1/2 is dropped (AdamW's steps do not depend on a constant loss scale, up to its eps).
+"""
+from __future__ import annotations
+
+import torch
+
+from utils.rng import generator
+from utils.strong_views import cutmix, strong_view
+
+from .hetero_local import confident_labels, masked_ce
+from .lssl import LSSL
+
+
+class FixMatch(LSSL):
+    name = "fixmatch"
+
+    def unlabeled_pass(self, client, rnd: int, epoch: int) -> None:
+        f, phase = self.cfg.fixmatch, "local_unlabeled"
+        randaugment = f.strong == "randaugment"
+        client.model.train()
+        for b, w, s in client.batches("unlabeled", rnd, phase, epoch, noisy=1 if randaugment else None):
+            with torch.no_grad():
+                pseudo, keep = confident_labels(client.forward(w)["mask"], f.threshold)
+            g = generator(client.seed, rnd, client.name, phase, epoch, b, "strong")
+            x_s, box = strong_view(s if randaugment else w, g, photometric_ops=not randaugment, box=f.cutmix)
+            l_u = masked_ce(client.forward(cutmix(x_s, box))["mask"], cutmix(pseudo, box), cutmix(keep, box))
+            client.step(f.unlabeled_weight * l_u)
+            client.log.add(unl_u=l_u, unl_kept=keep.float().mean())

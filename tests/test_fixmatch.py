@@ -1,0 +1,91 @@
+"""FixMatch federated by FedAvg (``fed/fixmatch.py``, BASELINES.md section 2).
+
+The masked CE with the all-pixels denominator and the confident pseudo-labels, by hand; the strong view
+with CutMix mixes labels and confidences with the image; two tiny rounds in process (the unlabeled loss
+was trained on after the warm-up, the bytes are LSSL's: the state dict both ways; the ``randaugment``
+strong view without CutMix runs too); the Flower simulation gives the same run.
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import assert_same_run, run_tiny
+from fed.hetero_local import confident_labels, masked_ce
+from utils.rng import generator
+from utils.strong_views import cutmix, strong_view
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# threshold 0.5: the tiny model's first rounds are not confident, and the loss must have pixels to train on
+SETTINGS = ("method=fixmatch", "train.rounds=2", "fixmatch.threshold=0.5")
+
+
+def test_masked_ce_counts_every_pixel():
+    # pixel a: logits [0, 0], label 0 -> CE ln 2 = 0.6931, confidence 1/2
+    # pixel b: logits [ln 3, 0], label 0 -> CE -ln(3/4) = 0.2877, confidence 3/4
+    logits = torch.tensor([[[[0.0, math.log(3.0)]], [[0.0, 0.0]]]])  # (1, 2, 1, 2)
+    labels, keep = confident_labels(logits, 0.7)
+    assert labels.tolist() == [[[0, 0]]] and keep.tolist() == [[[False, True]]]
+    # kept: pixel b only; denominator: both pixels -> 0.2877 / 2 (not 0.2877: unconfident pixels count as 0)
+    assert masked_ce(logits, labels, keep).item() == pytest.approx(-math.log(0.75) / 2)
+    labels, keep = confident_labels(logits, 0.95)                    # nothing confident: zero loss
+    assert masked_ce(logits, labels, keep).item() == 0.0
+
+
+def test_strong_view_mixes_labels_with_the_image():
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    g = lambda: generator(0, "t")
+    view, boxes = strong_view(x, g())
+    view2, boxes2 = strong_view(x, g())
+    assert torch.equal(view, view2) and torch.equal(boxes, boxes2)      # keyed: the same view again
+    plain, _ = strong_view(x, g(), photometric_ops=False)
+    assert torch.equal(plain, x)
+    _, none = strong_view(x, g(), box=False)
+    assert not none.any()
+    # every pixel of an image, its label and its confidence come from the same image: itself or its partner
+    boxes = torch.zeros(4, 16, 16, dtype=torch.bool)
+    boxes[0, 2:5, 3:9] = True
+    idx = torch.arange(4.0)[:, None, None].expand(4, 16, 16)         # "label" = the image's index
+    img = idx[:, None].expand(4, 3, 16, 16)
+    mixed_img, mixed_lab = cutmix(img, boxes), cutmix(idx, boxes)
+    assert torch.equal(mixed_img[:, 0], mixed_lab)
+    assert (mixed_lab[0][boxes[0]] == 3).all() and (mixed_lab[0][~boxes[0]] == 0).all()  # partner of 0: 3
+    assert torch.equal(mixed_lab[1:], idx[1:])
+
+
+@pytest.fixture(scope="module")
+def fm_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fm")
+    return (tmp, *run_tiny(tmp, "in_process", *SETTINGS))
+
+
+def _check(cfg):
+    import networks
+    from utils.logger import read_metrics
+
+    recs = read_metrics(cfg.output.dir)
+    sd = sum(v.numel() * v.element_size() for v in networks.build_model("tiny").state_dict().values())
+    for name in ("client0", "client1"):
+        assert "unl_u" not in recs[0]["loss"][name]
+        loss = recs[1]["loss"][name]
+        assert math.isfinite(loss["unl_u"]) and loss["unl_kept"] > 0
+        assert all(r["bytes"][name]["up"] == r["bytes"][name]["down"] == sd for r in recs)
+    assert any(recs[1]["loss"][n]["unl_u"] > 0 for n in ("client0", "client1"))
+
+
+def test_two_rounds(fm_run):
+    _check(fm_run[1])
+
+
+def test_randaugment_without_cutmix(tmp_path):
+    cfg, _ = run_tiny(tmp_path, "ra", *SETTINGS, "fixmatch.strong=randaugment", "fixmatch.cutmix=false")
+    _check(cfg)
+
+
+def test_flower_simulation_is_the_same_run(fm_run, tmp_path):
+    pytest.importorskip("flwr", reason="Flower is not installed")
+    pytest.importorskip("ray", reason="Flower's simulation needs Ray")
+    _, cfg, res = fm_run
+    cfg2, res2 = run_tiny(tmp_path, "sim", *SETTINGS, "train.worker_threads=1", engine="flower-sim")
+    assert_same_run(cfg, res, cfg2, res2)
