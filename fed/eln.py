@@ -1,0 +1,405 @@
+"""ELN: Error Localization Network, on FedAvg (BASELINES.md section 4).
+
+Phases mapped to rounds: ``train.warmup_rounds`` supervised rounds, then ``eln.eln_rounds`` rounds in
+which the ELN and two auxiliary decoders are trained on D_p, then the semi-supervised (SSL) phase.
+Every round: the clients send their weights, the server averages them uniformly
+(:func:`fed.lssl.fedavg`) and sends the average back; the clients then train locally (H1 protocol, as
+lssl: a supervised pass on D_p with the harness loss, :func:`fed.local_ssl.supervised_pass`, in every
+phase; SSL terms on their unlabeled data in the SSL phase).
+
+``eln.mapping: server`` (default, BASELINES' recommendation): the server trains the ELN and the aux
+decoders on D_p with the global model (:meth:`ELN.train_eln`), once per ELN round after aggregation,
+and sends the ELN (frozen from then on) to each client that does not have it yet (a client says so in
+its weight reply: ``need_eln``; normally once, in the first SSL round). ``eln.mapping: clients``: every
+client trains its own ELN and aux decoders on D_p after its supervised pass, and they are averaged with
+the model (ELN weights also in the first SSL round, so that all clients use the averaged ELN).
+
+The ELN network (:class:`ELNet`) takes ``[image, entropy of softmax(p), logits p]`` (3 + 1 + 2 channels)
+through an **input adapter** (a 1x1 convolution to 3 channels) into the registry architecture
+``eln.arch`` (default resnet34; a DeepLabV3+ with one output class): its ``mask`` output is the logit
+of "this pixel's prediction is right" (its SA branch is unused). The adapter keeps every registry
+architecture usable unchanged (and its pretrained first layer when ``models.pretrained`` is set).
+The aux decoders are fresh copies of the segmentation model's decoder head (``model.classifier``) on
+the main model's detached encoder features; aux ``i``'s CE counts only while it is ``>= c_i`` times the
+main CE (:func:`aux_gate`, ``eln.aux_factors`` (20, 50)); the ELN loss is a BCE against
+``1[argmax pred == gt]`` with the negatives re-weighted by #pos/#neg (:func:`eln_loss`), summed over the
+main and both aux predictions (all without gradient). The main model is in eval mode while it predicts
+for the ELN; the ELN and aux decoders train in fp32 with their own AdamW (``train.lr``, ``train.weight_decay``).
+
+SSL phase, on each client: the EMA teacher (momentum ``eln.ema``, 0.995, updated after each unlabeled
+step; parameters and float buffers) starts as the global model of the first SSL round; teacher (and
+the projection heads) are FedAvg'd with the student from then on. With ``eln.reset_student`` (official)
+the student is reset to the teacher at the start of every local epoch. Pseudo-labels: the teacher's
+(eval mode) argmax on the weak view, kept where ``sigmoid(ELN) >= eln.threshold`` (others ignored);
+loss ``CE(x_u) + CE(colour-augmented x_u) + contrastive`` (weights 1), with the colour augmentation
+ColorJitter(0.4, 0.4, 0.4, 0.1) + RandomGrayscale(0.2) per image (:func:`colour_augment`), and the pixel
+contrastive loss (:func:`pixel_contrastive`, ``eln.contrastive``) between the student's and the
+teacher's projections (head 256 -> 256 -> 128 on the decoder feature, the input of the decoder's
+classifier) on ``eln.crops`` random ``eln.crop_size``-square crops of the feature map (stride 4),
+temperature ``eln.temperature``; positives = pixels of the same pseudo-class. The evaluated model is
+the global student each client received.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import networks
+from networks.segmodel import upsample
+from utils.rng import generator, seed_torch
+
+from .base import PerClient
+from .local_ssl import local_epochs, supervised_pass
+from .lssl import LSSL, fedavg
+from .semifl import IGNORE, masked_ce
+
+
+# --- the pieces of ELN, as pure functions ---------------------------------------------------------
+
+def eln_input(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``[image, entropy of softmax(logits), logits]`` along channels: (B, 3 + 1 + C, H, W)."""
+    logits = logits.float()
+    entropy = -(F.softmax(logits, 1) * F.log_softmax(logits, 1)).sum(1, keepdim=True)
+    return torch.cat([x.float(), entropy, logits], dim=1)
+
+
+def eln_target(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``1[argmax pred == y]`` as (B,1,H,W) float; ``y`` (B,H,W) class indices."""
+    return (pred.argmax(1) == y).unsqueeze(1).float()
+
+
+def eln_loss(eln_logit: torch.Tensor, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits of the ELN against :func:`eln_target`; the loss of negative pixels is multiplied by
+    ``#pos / #neg`` over the batch; mean over all pixels."""
+    t = eln_target(pred, y)
+    bce = F.binary_cross_entropy_with_logits(eln_logit.float(), t, reduction="none")
+    n_pos = t.sum()
+    ratio = n_pos / (t.numel() - n_pos).clamp(min=1)
+    return torch.where(t > 0, bce, bce * ratio).mean()
+
+
+def aux_gate(aux_losses: Sequence[float], main_loss: float, factors: Sequence[float]) -> List[bool]:
+    """Aux decoder ``i`` is trained (its CE counts) only where ``aux_losses[i] >= factors[i] * main_loss``."""
+    return [a >= c * main_loss for a, c in zip(aux_losses, factors)]
+
+
+def eln_pseudo_label(teacher_logits: torch.Tensor, eln_logit: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Teacher argmax where ``sigmoid(ELN) >= threshold``, ``IGNORE`` elsewhere: (B,H,W)."""
+    keep = torch.sigmoid(eln_logit.float()[:, 0]) >= threshold
+    pred = teacher_logits.argmax(1)
+    return torch.where(keep, pred, torch.full_like(pred, IGNORE))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``t = m t + (1 - m) s`` for parameters and float buffers; other buffers copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        if t.is_floating_point():
+            t.mul_(momentum).add_(s, alpha=1 - momentum)
+        else:
+            t.copy_(s)
+
+
+def pixel_contrastive(z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised pixel contrast between student ``z_s`` (N,D) and teacher ``z_t`` (N,D) embeddings
+    (L2-normalised here) with pseudo-labels ``labels`` (N,) (``IGNORE`` pixels left out): for anchor
+    ``i``, ``-mean_{j: y_j = y_i} log softmax_j(z_s_i . z_t_j / T)``; mean over anchors (0 if none)."""
+    valid = labels != IGNORE
+    if not bool(valid.any()):
+        return z_s.sum() * 0.0
+    z_s, z_t, y = F.normalize(z_s[valid].float(), dim=1), F.normalize(z_t[valid].float(), dim=1), labels[valid]
+    log_prob = F.log_softmax(z_s @ z_t.t() / temperature, dim=1)
+    pos = (y[:, None] == y[None, :]).float()
+    return (-(log_prob * pos).sum(1) / pos.sum(1)).mean()
+
+
+def crop_boxes(n: int, batch: int, h: int, w: int, size: int, gen: torch.Generator) -> List[tuple]:
+    """``n`` random crops ``(image, top, left, size)`` of at most ``size`` px square of a (batch, h, w) map."""
+    s = min(size, h, w)
+    b = torch.randint(batch, (n,), generator=gen).tolist()
+    top = torch.randint(h - s + 1, (n,), generator=gen).tolist()
+    left = torch.randint(w - s + 1, (n,), generator=gen).tolist()
+    return [(b[i], top[i], left[i], s) for i in range(n)]
+
+
+def colour_augment(x: torch.Tensor) -> torch.Tensor:
+    """ColorJitter(0.4, 0.4, 0.4, 0.1) + RandomGrayscale(0.2), per image, on inputs normalised to
+    [-1, 1]; draws from torch's default generator (seeded per batch by ``Party.batches``)."""
+    from torchvision import transforms as T
+
+    aug = T.Compose([T.ColorJitter(0.4, 0.4, 0.4, 0.1), T.RandomGrayscale(0.2)])
+    img = ((x.float() + 1) / 2).clamp(0, 1)
+    return (torch.stack([aug(i) for i in img]) * 2 - 1).to(x.dtype)
+
+
+# --- the networks -----------------------------------------------------------------------------------
+
+class ELNet(nn.Module):
+    """The error-localisation network: input adapter (1x1 conv, 3 + 1 + C -> 3) + registry ``arch`` with one
+    output class; ``forward(x, logits)`` -> (B,1,H,W) logit of "the prediction is right here"."""
+
+    def __init__(self, arch: str, num_classes: int = 2, pretrained=None):
+        super().__init__()
+        self.adapter = nn.Conv2d(3 + 1 + num_classes, 3, 1)
+        self.net = networks.build_model(arch, num_classes=1, pretrained=pretrained)
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.net(self.adapter(eln_input(x, logits)))["mask"]
+
+
+def projection_head(width: int, hidden: int = 256, out: int = 128) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(width, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, out, 1))
+
+
+def decoder_classifier(model: nn.Module) -> nn.Module:
+    """The decoder's final classifier (its input is the decoder feature the projection head reads)."""
+    head = getattr(model, "classifier", None)
+    inner = getattr(head, "classifier", None)
+    if inner is None:
+        raise ValueError(f"eln.contrastive needs a DeepLabV3+-style model (model.classifier.classifier); "
+                         f"{getattr(model, 'arch', type(model).__name__)!r} has none: set eln.contrastive false")
+    return inner
+
+
+def forward_with_feature(forward, model: nn.Module, x: torch.Tensor):
+    """``forward(x)`` plus the decoder feature (the input of :func:`decoder_classifier`)."""
+    box = {}
+    hook = decoder_classifier(model).register_forward_pre_hook(lambda m, inp: box.__setitem__("f", inp[0]))
+    try:
+        out = forward(x)
+    finally:
+        hook.remove()
+    return out, box["f"]
+
+
+def _prefixed(prefix: str, sd: dict) -> dict:
+    return {f"{prefix}.{k}": v.detach().clone() for k, v in sd.items()}
+
+
+def _part(flat: dict, prefix: str) -> dict:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in flat.items() if k.startswith(p)}
+
+
+# --- the method -------------------------------------------------------------------------------------
+
+class ELN(LSSL):
+    name = "eln"
+    shared_model = True
+    sends = {"up": "model weights; in the SSL phase also the EMA teacher and, with eln.contrastive, the "
+                   "student's and teacher's projection heads; eln.mapping clients: the ELN and aux decoders "
+                   "in ELN rounds (the ELN also in the first SSL round); need_eln (a number) in the SSL phase "
+                   "(mapping server)",
+             "down": "the average of what was sent; mapping server: the frozen ELN's weights to a client that "
+                     "asked (once)"}
+
+    def stage(self, rnd: int) -> str:
+        w = self.cfg.train.warmup_rounds
+        return "warm" if rnd < w else "eln" if rnd < w + self.cfg.eln.eln_rounds else "ssl"
+
+    def first_ssl(self) -> int:
+        return self.cfg.train.warmup_rounds + self.cfg.eln.eln_rounds
+
+    def trains_eln(self, party) -> bool:
+        return (party.name == "server") == (self.cfg.eln.mapping == "server")
+
+    # --- state kept on the parties -------------------------------------------------------------
+    def setup(self, party) -> None:
+        super().setup(party)
+        c, t = self.cfg.eln, self.cfg.train
+        seed_torch(self.cfg.seed, "init", "eln")  # one initialisation for every party
+        party.extra["eln"] = ELNet(c.arch, pretrained=self.cfg.models.pretrained).to(party.amp.device)
+        if self.trains_eln(party):
+            seed_torch(self.cfg.seed, "init", "aux")
+            aux = nn.ModuleList([networks.build_model(party.arch).classifier for _ in c.aux_factors])
+            party.extra["aux"] = aux.to(party.amp.device)
+            party.extra["eln_opt"] = torch.optim.AdamW(party.extra["eln"].parameters(), lr=t.lr,
+                                                       weight_decay=t.weight_decay)
+            party.extra["aux_opt"] = torch.optim.AdamW(aux.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        if party.name == "server":
+            return
+        party.extra["teacher"] = copy.deepcopy(party.model)
+        party.extra["has_teacher"] = False
+        party.extra["has_eln"] = False
+        if c.contrastive:
+            width = decoder_classifier(party.model)[0].in_channels
+            seed_torch(self.cfg.seed, "init", "proj")
+            party.extra["proj"] = projection_head(width).to(party.amp.device)
+            party.extra["proj_t"] = copy.deepcopy(party.extra["proj"])
+            party.extra["proj_opt"] = torch.optim.AdamW(party.extra["proj"].parameters(), lr=t.lr,
+                                                        weight_decay=t.weight_decay)
+
+    # --- the round ------------------------------------------------------------------------------
+    def run_round(self, r, rnd: int) -> None:
+        stage = self.stage(rnd)
+        with r.phase("aggregation"):
+            replies: Dict[int, dict] = r.clients("send_weights", rnd=rnd, stage=stage)
+            avg = r.server("aggregate", [{k: v for k, v in replies[k].items() if k != "need_eln"}
+                                         for k in sorted(replies)])  # client order: exact
+        if stage == "eln" and self.cfg.eln.mapping == "server":
+            with r.phase("eln"):
+                r.server("train_eln", rnd=rnd)
+        need = [k for k in sorted(replies) if replies[k].get("need_eln")]
+        msg = avg
+        if need:
+            eln = r.server("eln_weights")
+            msg = PerClient({k: {**avg, **eln} if k in need else avg for k in replies})
+        with r.phase("local"):
+            r.clients("local", msg, rnd=rnd, stage=stage)
+
+    def send_weights(self, client, msg, rnd: int, stage: str) -> dict:
+        x, c = client.extra, self.cfg.eln
+        out = _prefixed("student", client.model.state_dict())
+        if stage == "ssl" and x["has_teacher"]:
+            out.update(_prefixed("teacher", x["teacher"].state_dict()))
+            if c.contrastive:
+                out.update(_prefixed("proj", x["proj"].state_dict()))
+                out.update(_prefixed("proj_t", x["proj_t"].state_dict()))
+        if c.mapping == "clients" and (stage == "eln" or rnd == self.first_ssl()):
+            out.update(_prefixed("eln", x["eln"].state_dict()))
+            if stage == "eln":
+                out.update(_prefixed("aux", x["aux"].state_dict()))
+        if stage == "ssl" and c.mapping == "server" and not x["has_eln"]:
+            out["need_eln"] = 1
+        return out
+
+    def aggregate(self, server, weights: List[dict]) -> dict:
+        avg = fedavg(weights)
+        server.model.load_state_dict(_part(avg, "student"))
+        if any(k.startswith("eln.") for k in avg):
+            server.extra["eln"].load_state_dict(_part(avg, "eln"))
+        return avg
+
+    def eln_weights(self, server, msg) -> dict:
+        return _prefixed("eln", server.extra["eln"].state_dict())
+
+    def train_eln(self, party, msg=None, rnd: int = 0) -> None:
+        """ELN and aux decoders on D_p with ``party.model``'s predictions (the model itself is not trained)."""
+        c = self.cfg.eln
+        model, eln, aux = party.model, party.extra["eln"], party.extra["aux"]
+        model.eval()
+        eln.train()
+        aux.train()
+        for e in range(c.eln_epochs):
+            for _, x, y in party.batches("public", rnd, "eln", e):
+                y = y[:, 0].long()
+                size = x.shape[-2:]
+                with torch.no_grad():
+                    feats = model.backbone(x.float())
+                    main = upsample(model.classifier(feats)[0], size).float()
+                    main_ce = F.cross_entropy(main, y)
+                aux_logits = [upsample(a(feats)[0], size).float() for a in aux]
+                aux_ce = [F.cross_entropy(a, y) for a in aux_logits]
+                gates = aux_gate([a.item() for a in aux_ce], main_ce.item(), c.aux_factors)
+                if any(gates):
+                    party.extra["aux_opt"].zero_grad(set_to_none=True)
+                    sum(a for a, g in zip(aux_ce, gates) if g).backward()
+                    party.extra["aux_opt"].step()
+                preds = [main] + [a.detach() for a in aux_logits]
+                loss_eln = sum(eln_loss(eln(x, p), p, y) for p in preds)
+                party.extra["eln_opt"].zero_grad(set_to_none=True)
+                loss_eln.backward()
+                party.extra["eln_opt"].step()
+                party.log.add(eln_bce=loss_eln, eln_main_ce=main_ce,
+                              **{f"eln_aux{i}_ce": a for i, a in enumerate(aux_ce)},
+                              **{f"eln_aux{i}_on": float(g) for i, g in enumerate(gates)})
+
+    def local(self, client, avg: dict, rnd: int, stage: str) -> None:
+        x, c = client.extra, self.cfg.eln
+        client.model.load_state_dict(_part(avg, "student"))
+        x["global"].load_state_dict(_part(avg, "student"))
+        if any(k.startswith("eln.") for k in avg):
+            x["eln"].load_state_dict(_part(avg, "eln"))
+            x["has_eln"] = True
+        if any(k.startswith("aux.") for k in avg):
+            x["aux"].load_state_dict(_part(avg, "aux"))
+        if stage != "ssl":
+            local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=False)
+            if stage == "eln" and c.mapping == "clients":
+                self.train_eln(client, rnd=rnd)
+            return
+        if x["has_teacher"]:
+            x["teacher"].load_state_dict(_part(avg, "teacher"))
+            if c.contrastive:
+                x["proj"].load_state_dict(_part(avg, "proj"))
+                x["proj_t"].load_state_dict(_part(avg, "proj_t"))
+        else:  # the teacher copies the student at the end of the warm-up
+            x["teacher"].load_state_dict(client.model.state_dict())
+            if c.contrastive:
+                x["proj_t"].load_state_dict(x["proj"].state_dict())
+            x["has_teacher"] = True
+        for e in range(self.cfg.train.local_epochs):
+            if c.reset_student:
+                client.model.load_state_dict(x["teacher"].state_dict())
+                if c.contrastive:
+                    x["proj"].load_state_dict(x["proj_t"].state_dict())
+            if client.has("public"):
+                supervised_pass(client, "public", rnd, "local_public", e, self.cfg.hssf)
+            if client.has("unlabeled"):
+                self._ssl_pass(client, rnd, e)
+            client.scheduler.step()
+
+    def _ssl_pass(self, client, rnd: int, e: int) -> None:
+        x, c = client.extra, self.cfg.eln
+        teacher, eln = x["teacher"], x["eln"]
+        teacher.eval()
+        eln.eval()
+        client.model.train()
+        for b, w, _ in client.batches("unlabeled", rnd, "eln_ssl", e):
+            with torch.no_grad(), client.amp.autocast():
+                if c.contrastive:
+                    t_out, t_feat = forward_with_feature(teacher, teacher, w)
+                else:
+                    t_out = teacher(w)
+                t_logits = t_out["mask"].float()
+                pseudo = eln_pseudo_label(t_logits, eln(w, t_logits), c.threshold)
+            aug = colour_augment(w)
+            if c.contrastive:
+                out_w, s_feat = forward_with_feature(client.forward, client.model, w)
+            else:
+                out_w = client.forward(w)
+            out_a = client.forward(aug)
+            ce_u = masked_ce(out_w["mask"], pseudo)
+            ce_aug = masked_ce(out_a["mask"], pseudo)
+            terms = {"eln_ce_u": ce_u, "eln_ce_aug": ce_aug}
+            if c.contrastive:
+                terms["eln_contrast"] = self._contrast(client, s_feat, t_feat, pseudo, rnd, e, b)
+            loss = sum(terms.values())
+            self._step(client, loss)
+            ema_update(teacher, client.model, c.ema)
+            if c.contrastive:
+                ema_update(x["proj_t"], x["proj"], c.ema)
+            client.log.add(**terms, eln_kept=(pseudo != IGNORE).float().mean())
+
+    def _contrast(self, client, s_feat, t_feat, pseudo, rnd: int, e: int, b: int) -> torch.Tensor:
+        c = self.cfg.eln
+        x = client.extra
+        z_s = x["proj"](s_feat.float())
+        with torch.no_grad():
+            z_t = x["proj_t"](t_feat.float())
+        h, w = z_s.shape[-2:]
+        labels = F.interpolate(pseudo[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+        gen = generator(self.cfg.seed, rnd, client.name, "crops", e, b)
+        losses = []
+        for i, top, left, s in crop_boxes(c.crops, z_s.shape[0], h, w, c.crop_size, gen):
+            sl = (i, slice(None), slice(top, top + s), slice(left, left + s))
+            flat = lambda z: z[sl].flatten(1).t()  # (s*s, D)
+            losses.append(pixel_contrastive(flat(z_s), flat(z_t), labels[i, top:top + s, left:left + s].flatten(),
+                                            c.temperature))
+        return torch.stack(losses).mean()
+
+    @staticmethod
+    def _step(client, loss: torch.Tensor) -> None:
+        opts = [client.optimizer] + ([client.extra["proj_opt"]] if "proj_opt" in client.extra else [])
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        client.scaler.scale(loss).backward()
+        for o in opts:
+            client.scaler.step(o)
+        client.scaler.update()

@@ -1,0 +1,209 @@
+"""SemiFL with alternate training (``ft=1``), for segmentation (BASELINES.md section 5).
+
+Labels stay at the server: **clients never see D_p or its labels**; they train only on their own
+unlabeled data with pseudo-labels of the global model. One round (after the warm-up):
+
+1. every client loads the global model it received, keeps a frozen copy of it (eval mode) as its
+   labeller, and trains ``semifl.local_epochs`` epochs on *fix* and *mix* batches
+   (:func:`fix_select`, :func:`semifl_loss`): ``CE(f(x_s^fix), y) + lam CE(f(x_mix), y_a) +
+   (1 - lam) CE(f(x_mix), y_b)``, ``x_mix = lam x_w^fix + (1 - lam) x_w^mix``, ``lam ~ Beta(0.75, 0.75)``
+   per batch (keyed), gradient norm clipped at ``semifl.clip``; then sends its weights;
+2. the server averages them uniformly (:func:`fed.lssl.fedavg`) and applies the average to the global
+   parameters as an SGD step with lr ``semifl.server_lr`` (1) and momentum ``semifl.server_momentum``
+   (0.5) (:func:`server_momentum_step`; the momentum buffer lives in the server's ``extra``); BatchNorm
+   buffers take the plain average (the official update only steps the parameters);
+3. the server fine-tunes the result on D_p for ``semifl.server_epochs`` passes (the harness supervised
+   loss, :func:`fed.local_ssl.supervised_pass`), then, with ``semifl.sbn``, recomputes the BatchNorm
+   statistics with one cumulative pass over D_p (official ``sbn=1`` uses server + client data; in FL only
+   D_p is at the server), and broadcasts the next global model. Clients keep it (evaluated, and the
+   start of their next round), so it crosses once per round.
+
+Warm-up rounds (``train.warmup_rounds``): the server fine-tunes on D_p and broadcasts; the clients do
+nothing else. Round 0 after no warm-up starts with one broadcast of the server's initial model.
+
+Segmentation adaptation. Pseudo-labels are per pixel: the *fix* images of a batch are those with at
+least one pixel of confidence >= ``semifl.tau`` (0.95); their other pixels are ignored. The *mix* partners
+come from a second keyed pass over all the client's unlabeled data, their full hard maps as ``y_b``, as
+many as the batch's fix images. The labeller is the round's fixed global model in eval mode, applied to
+each batch's weak view as it is drawn rather than to a stored dataset: the views are re-augmented
+geometrically every epoch, so stored masks would not line up; with the model fixed for the round it is
+the same labelling function (fix-set membership is decided per view). Fix and mix images go through
+the model in one forward pass (BatchNorm statistics over both; a batch may keep a single fix image).
+The local optimizer is the
+harness's (``train.optimizer``, state kept between rounds, as lssl) and the client schedule steps once
+per round (SemiFL's global schedule is per round). Protocol: labels at the server (BASELINES' H2), not
+the H1 protocol of lssl.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.rng import derive_seed
+
+from .local_ssl import supervised_pass
+from .lssl import LSSL, fedavg
+
+IGNORE = -1
+
+
+# --- the pieces of SemiFL, as pure functions ------------------------------------------------------
+
+def fix_select(logits: torch.Tensor, tau: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the labeller's logits (B,C,H,W): ``keep`` (B,) images with at least one pixel of confidence
+    ``>= tau``; ``fix`` (B,H,W) hard labels with the pixels below ``tau`` set to ``IGNORE``; ``hard``
+    (B,H,W) the full hard map (what a mix partner uses)."""
+    conf, hard = F.softmax(logits.float(), dim=1).max(dim=1)
+    confident = conf >= tau
+    fix = torch.where(confident, hard, torch.full_like(hard, IGNORE))
+    return confident.flatten(1).any(dim=1), fix, hard
+
+
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Pixel CE averaged over the pixels not ``IGNORE`` (0 where there are none)."""
+    per_pixel = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    valid = (labels != IGNORE).to(per_pixel.dtype)
+    return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+
+
+def semifl_loss(out_fix: torch.Tensor, y_fix: torch.Tensor, out_mix: torch.Tensor, y_a: torch.Tensor,
+                y_b: torch.Tensor, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(fix, mix)``: ``CE(out_fix, y_fix)`` and ``lam CE(out_mix, y_a) + (1 - lam) CE(out_mix, y_b)``."""
+    return masked_ce(out_fix, y_fix), lam * masked_ce(out_mix, y_a) + (1 - lam) * masked_ce(out_mix, y_b)
+
+
+def mixup_lambda(alpha: float, *key) -> float:
+    """``lam ~ Beta(alpha, alpha)`` drawn from ``key``."""
+    return float(np.random.default_rng(derive_seed(*key)).beta(alpha, alpha))
+
+
+@torch.no_grad()
+def server_momentum_step(params: dict, avg: dict, buf: Optional[dict], lr: float, momentum: float):
+    """SemiFL's server update: pseudo-gradient ``d = global - avg``; ``buf = d`` (first step) or
+    ``momentum * buf + d``; ``global - lr * buf``. Returns ``(new params, buf)`` (torch SGD's rule)."""
+    new, out_buf = {}, {}
+    for k, p in params.items():
+        d = p - avg[k]
+        b = d.clone() if buf is None or k not in buf else momentum * buf[k] + d
+        out_buf[k] = b
+        new[k] = p - lr * b
+    return new, out_buf
+
+
+@torch.no_grad()
+def recompute_bn(party, which: str, rnd: int) -> None:
+    """``sbn``: BatchNorm statistics recomputed by one cumulative pass (momentum None) over ``which``."""
+    bns = [m for m in party.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or not party.has(which):
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    party.model.train()
+    for _, x, _ in party.batches(which, rnd, "sbn", 0):
+        party.forward(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+
+# --- the method -------------------------------------------------------------------------------------
+
+class SemiFL(LSSL):
+    name = "semifl"
+    shared_model = True
+    read_only = frozenset()  # every client step here changes the client (no send_weights step)
+    sends = {"up": "model weights (every state-dict entry), once per round after local training",
+             "down": "the next global model (every state-dict entry), once per round after the server's "
+                     "fine-tuning (and once before round 0 when there is no warm-up)"}
+
+    def run_round(self, r, rnd: int) -> None:
+        warm = self.warm(rnd)
+        if rnd == 0 and not warm:
+            with r.phase("broadcast"):
+                r.clients("receive", r.server("broadcast", rnd=rnd, sbn=False))
+        if not warm:
+            with r.phase("local"):
+                replies = r.clients("local", rnd=rnd)
+            with r.phase("aggregation"):
+                r.server("aggregate", [replies[k] for k in sorted(replies)])  # client order: exact
+        with r.phase("finetune"):
+            r.server("finetune", rnd=rnd)
+        with r.phase("broadcast"):
+            r.clients("receive", r.server("broadcast", rnd=rnd, sbn=self.cfg.semifl.sbn))
+
+    # --- server ---------------------------------------------------------------------------------
+    def aggregate(self, server, weights: List[dict]) -> None:
+        s = self.cfg.semifl
+        avg = fedavg(weights)
+        names = {k for k, _ in server.model.named_parameters()}
+        state = server.model.state_dict()
+        params = {k: v for k, v in state.items() if k in names}
+        new, buf = server_momentum_step(params, avg, server.extra.get("momentum"), s.server_lr, s.server_momentum)
+        server.extra["momentum"] = buf
+        server.model.load_state_dict({k: new.get(k, avg[k]) for k in state})
+
+    def finetune(self, server, msg, rnd: int) -> None:
+        for e in range(self.cfg.semifl.server_epochs):
+            supervised_pass(server, "public", rnd, "finetune", e, self.cfg.hssf)
+        server.scheduler.step()
+
+    def broadcast(self, server, msg, rnd: int, sbn: bool) -> dict:
+        if sbn:
+            recompute_bn(server, "public", rnd)
+        return {k: v.detach().clone() for k, v in server.model.state_dict().items()}
+
+    # --- clients --------------------------------------------------------------------------------
+    def receive(self, client, weights: dict) -> None:
+        client.extra["global"].load_state_dict(weights)
+
+    def local(self, client, msg, rnd: int) -> dict:
+        s = self.cfg.semifl
+        labeller = client.extra["global"]
+        client.model.load_state_dict(labeller.state_dict())
+        labeller.eval()
+        if client.has("unlabeled"):
+            for e in range(s.local_epochs):
+                self._epoch(client, labeller, rnd, e)
+        client.scheduler.step()
+        return {k: v.detach().clone() for k, v in client.model.state_dict().items()}
+
+    def _epoch(self, client, labeller, rnd: int, e: int) -> None:
+        s = self.cfg.semifl
+        client.model.train()
+        partners = client.batches("unlabeled", rnd, "mix", e)
+        for b, w, st in client.batches("unlabeled", rnd, "fix", e):
+            _, w_m, _ = next(partners)
+            with torch.no_grad(), client.amp.autocast():
+                keep, y_fix, _ = fix_select(labeller(w)["mask"], s.tau)
+                _, _, y_b = fix_select(labeller(w_m)["mask"], s.tau)
+            n = int(keep.sum())
+            if n == 0:
+                client.log.add(semifl_kept=0.0)
+                continue
+            lam = mixup_lambda(s.mix_alpha, self.cfg.seed, rnd, client.name, "mixup", e, b)
+            x_mix = lam * w[keep] + (1 - lam) * w_m[:n]
+            out_fix, out_mix = client.forward(torch.cat([st[keep], x_mix]))["mask"].split([n, n])  # one pass: BN sees 2n >= 2
+            fix, mix = semifl_loss(out_fix, y_fix[keep], out_mix, y_fix[keep], y_b[:n], lam)
+            loss = fix + mix
+            self._clipped_step(client, loss, s.clip)
+            client.log.add(semifl_fix=fix, semifl_mix=mix, semifl_kept=n / w.shape[0])
+
+    @staticmethod
+    def _clipped_step(party, loss: torch.Tensor, max_norm: float) -> None:
+        party.optimizer.zero_grad(set_to_none=True)
+        party.scaler.scale(loss).backward()
+        if max_norm > 0:
+            party.scaler.unscale_(party.optimizer)
+            torch.nn.utils.clip_grad_norm_(party.model.parameters(), max_norm)
+        party.scaler.step(party.optimizer)
+        party.scaler.update()
+
+    def setup(self, party) -> None:
+        if party.name != "server":
+            party.extra["global"] = copy.deepcopy(party.model)  # the last global model received

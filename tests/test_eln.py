@@ -1,0 +1,161 @@
+"""ELN (``fed/eln.py``): the ELN target and its pos/neg re-weighting, the aux-decoder gate, the EMA
+update, ELN pseudo-labels and the pixel contrastive loss by hand; tiny runs in process (warm-up, one ELN
+round, SSL rounds: losses and bytes; the clients mapping); the Flower simulation bit-identical."""
+import math
+
+import pytest
+import torch
+
+from conftest import assert_same_run, run_tiny
+from fed.eln import (ELNet, aux_gate, eln_input, ema_update, eln_loss, eln_pseudo_label, eln_target, pixel_contrastive,
+                     projection_head)
+from fed.semifl import IGNORE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+T = torch.tensor
+ELN = ("method=eln", "eln.arch=tiny", "eln.eln_rounds=1")
+
+
+def test_eln_target_and_reweighting_by_hand():
+    # 4 pixels, prediction argmax [1, 0, 1, 1], ground truth [1, 0, 1, 0] -> target [1, 1, 1, 0]
+    pred = T([[[[0.0, 1.0, 0.0, 0.0]], [[1.0, 0.0, 1.0, 1.0]]]])  # (1, 2, 1, 4)
+    y = T([[[1, 0, 1, 0]]])
+    assert eln_target(pred, y).flatten().tolist() == [1.0, 1.0, 1.0, 0.0]
+    # ELN logits [0, 0, 0, 2]: positives BCE(0, 1) = ln 2; the negative BCE(2, 0) = ln(1 + e^2) = 2.126928,
+    # times #pos/#neg = 3/1; mean over the 4 pixels: (3 ln 2 + 3 * 2.126928) / 4
+    logit = T([[[[0.0, 0.0, 0.0, 2.0]]]])
+    assert eln_loss(logit, pred, y).item() == pytest.approx((3 * math.log(2) + 3 * math.log1p(math.e ** 2)) / 4)
+    # all correct: no negative, ratio 3/max(0, 1) irrelevant; mean ln 2
+    assert eln_loss(torch.zeros(1, 1, 1, 4), pred, pred.argmax(1)).item() == pytest.approx(math.log(2))
+
+
+def test_aux_gate_by_hand():
+    factors = (20.0, 50.0)
+    # main CE 1.0: aux CEs 10 < 20 and 30 < 50: neither counts
+    assert aux_gate([10.0, 30.0], 1.0, factors) == [False, False]
+    # main CE 0.5: 10 >= 10 (equality counts) and 30 >= 25
+    assert aux_gate([10.0, 30.0], 0.5, factors) == [True, True]
+    # main CE 0.4: 10 >= 8 but 19 < 20
+    assert aux_gate([10.0, 19.0], 0.4, factors) == [True, False]
+
+
+def test_ema_update_by_hand():
+    teacher, student = torch.nn.BatchNorm1d(1), torch.nn.BatchNorm1d(1)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        student.weight.fill_(0.0)
+        student.running_mean.fill_(2.0)
+        student.num_batches_tracked.fill_(7)
+    ema_update(teacher, student, 0.995)
+    assert teacher.weight.item() == pytest.approx(0.995)  # 0.995 * 1 + 0.005 * 0
+    assert teacher.running_mean.item() == pytest.approx(0.01)  # 0.995 * 0 + 0.005 * 2
+    assert teacher.num_batches_tracked.item() == 7  # integer buffers are copied
+    ema_update(teacher, student, 0.995)
+    assert teacher.weight.item() == pytest.approx(0.995 ** 2)
+
+
+def test_pseudo_labels_kept_where_eln_says_right():
+    teacher = T([[[[0.0, 2.0, 0.0]], [[1.0, 0.0, 1.0]]]])  # argmax [1, 0, 1]
+    eln = T([[[[0.0, -0.1, 3.0]]]])  # sigmoid [0.5, 0.475, 0.95]
+    assert eln_pseudo_label(teacher, eln, 0.5).tolist() == [[[1, IGNORE, 1]]]
+
+
+def test_eln_input_channels():
+    # [image (3), entropy (1), logits (2)]: logits [0, 0] -> entropy ln 2; [0, ln 3] -> p = (1/4, 3/4),
+    # entropy -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.562335
+    x = torch.full((1, 3, 1, 2), 0.5)
+    logits = T([[[[0.0, 0.0]], [[0.0, math.log(3.0)]]]])
+    inp = eln_input(x, logits)
+    assert inp.shape == (1, 6, 1, 2)
+    assert torch.equal(inp[:, :3], x) and torch.equal(inp[:, 4:], logits)
+    assert inp[0, 3, 0].tolist() == pytest.approx([math.log(2), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))])
+
+
+def test_pixel_contrastive_by_hand():
+    z = T([[1.0, 0.0], [0.0, 1.0]])
+    # T = 0.5: logits [[2, 0], [0, 2]]; different classes: each anchor's only positive is itself:
+    # -log(e^2 / (e^2 + 1)) = log(1 + e^-2) = 0.126928
+    assert pixel_contrastive(z, z, T([0, 1]), 0.5).item() == pytest.approx(math.log1p(math.exp(-2)))
+    # one class: both are positives: -((2 - L) + (0 - L)) / 2 = L - 1, L = ln(e^2 + 1)
+    assert pixel_contrastive(z, z, T([0, 0]), 0.5).item() == pytest.approx(math.log1p(math.e ** 2) - 1)
+    # an ignored pixel leaves the anchor set and the candidates: one pixel, loss 0
+    assert pixel_contrastive(z, z, T([0, IGNORE]), 0.5).item() == pytest.approx(0.0)
+    assert pixel_contrastive(z, z, T([IGNORE, IGNORE]), 0.5).item() == 0.0
+
+
+def _bytes(module):
+    return sum(v.numel() * v.element_size() for v in module.state_dict().values())
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory, one_thread):
+    """4 tiny rounds in process: warm-up, one ELN round, two SSL rounds."""
+    tmp = tmp_path_factory.mktemp("eln")
+    return tmp, *run_tiny(tmp, "in", *ELN, "train.rounds=4")
+
+
+def test_tiny_rounds_server_mapping(ref):
+    import networks
+    from utils.logger import read_metrics
+
+    _, cfg, _ = ref
+    recs = read_metrics(cfg.output.dir)
+    seg, eln = _bytes(networks.build_model("tiny")), _bytes(ELNet("tiny"))
+    proj = _bytes(projection_head(32))
+    # round 0 warm-up, round 1 ELN training at the server, rounds 2-3 SSL
+    assert "server" not in recs[0]["loss"]
+    srv = recs[1]["loss"]["server"]
+    assert {"eln_bce", "eln_aux0_ce", "eln_aux1_ce", "eln_aux0_on"} <= set(srv)
+    assert all(math.isfinite(v) for v in srv.values())
+    for r in (2, 3):
+        for n in ("client0", "client1"):
+            loss = recs[r]["loss"][n]
+            assert {"eln_ce_u", "eln_ce_aug", "eln_contrast", "sup_seg"} <= set(loss)
+            assert all(math.isfinite(v) for v in loss.values())
+    for n in ("client0", "client1"):
+        assert recs[0]["bytes"][n] == recs[1]["bytes"][n] == {"up": seg, "down": seg}
+        # first SSL round: the weights + need_eln (8 bytes) up; the average + the frozen ELN down
+        assert recs[2]["bytes"][n] == {"up": seg + 8, "down": seg + eln}
+        # then student, teacher and both projection heads, each way
+        assert recs[3]["bytes"][n] == {"up": 2 * seg + 2 * proj, "down": 2 * seg + 2 * proj}
+
+
+def test_tiny_rounds_clients_mapping(tmp_path):
+    import networks
+    from utils.logger import read_metrics
+
+    cfg, _ = run_tiny(tmp_path, "elnc", *ELN, "eln.mapping=clients", "eln.contrastive=false", "train.rounds=3")
+    recs = read_metrics(cfg.output.dir)
+    seg, eln = _bytes(networks.build_model("tiny")), _bytes(ELNet("tiny"))
+    aux = 2 * _bytes(networks.build_model("tiny").classifier)
+    for n in ("client0", "client1"):
+        assert "eln_bce" in recs[1]["loss"][n] and math.isfinite(recs[1]["loss"][n]["eln_bce"])
+        assert "eln_ce_u" in recs[2]["loss"][n] and "eln_contrast" not in recs[2]["loss"][n]
+        # ELN round 1: model, ELN and aux decoders each way; first SSL round 2: the ELN trained in round 1
+        # is averaged once more (so that every client uses one ELN), the aux decoders no longer cross
+        assert recs[1]["bytes"][n] == {"up": seg + eln + aux, "down": seg + eln + aux}
+        assert recs[2]["bytes"][n] == {"up": seg + eln, "down": seg + eln}
+
+
+def test_flower_sim_identical(ref):
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    tmp, cfg, res = ref
+    cfg2, res2 = run_tiny(tmp, "sim", *ELN, "train.rounds=4", "train.worker_threads=1", engine="flower-sim")
+    assert_same_run(cfg, res, cfg2, res2)
+
+
+def test_resume_in_the_ssl_phase_is_identical(ref):
+    """Stopped after the first SSL round and resumed: the teacher, the ELN, the projection heads, their
+    optimizers and the flags are restored from ``party.extra``."""
+    from pathlib import Path
+
+    from fed import load_config
+    from fed.run import train
+
+    tmp, cfg, res = ref
+    cfg2, out = run_tiny(tmp, "resumed", *ELN, "train.rounds=4", stop_after=3)
+    assert out == {"stopped_after": 2}
+    res2 = train(load_config(Path(cfg2.output.dir) / "config.yaml"), resume=True, progress=False)
+    assert_same_run(cfg, res, cfg2, res2)

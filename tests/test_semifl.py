@@ -1,0 +1,157 @@
+"""SemiFL (``fed/semifl.py``): fix-set selection, the mixup loss and the server momentum step by hand;
+two tiny rounds in process (losses, bytes); the Flower simulation bit-identical to the in-process run."""
+import math
+
+import pytest
+import torch
+
+from conftest import assert_same_run, run_tiny
+from fed.semifl import IGNORE, fix_select, masked_ce, mixup_lambda, semifl_loss, server_momentum_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+T = torch.tensor
+SEMIFL = ("method=semifl", "semifl.local_epochs=1", "semifl.server_epochs=1")
+
+
+def _logits(d):
+    """2-class logits [0, d] per pixel: p(class 1) = sigmoid(d)."""
+    d = T(d, dtype=torch.float32)
+    return torch.stack([torch.zeros_like(d), d], dim=1)
+
+
+def test_fix_set_selection():
+    # image 0: d = 3 -> p1 = sigmoid(3) = 0.9526 >= 0.95 (class 1, kept); d = 2 -> 0.8808 (ignored);
+    #          d = -4 -> p0 = sigmoid(4) = 0.9820 (class 0, kept)
+    # image 1: d = 1 -> 0.7311 everywhere: no confident pixel, the image is not kept
+    logits = _logits([[[3.0, 2.0, -4.0]], [[1.0, 1.0, 1.0]]])
+    keep, fix, hard = fix_select(logits, 0.95)
+    assert keep.tolist() == [True, False]
+    assert fix.tolist() == [[[1, IGNORE, 0]], [[IGNORE] * 3]]
+    assert hard.tolist() == [[[1, 1, 0]], [[1, 1, 1]]]
+    # the threshold is inclusive: p = 0.95 exactly (d = ln 19) is kept
+    keep, fix, _ = fix_select(_logits([[[math.log(19.0)]]]).double(), 0.95)
+    assert keep.tolist() == [True]
+
+
+def test_mixup_loss_by_hand():
+    # fix: zero logits on 2 pixels, labels [1, IGNORE] -> CE = ln 2 over the one valid pixel
+    out_fix = torch.zeros(1, 2, 1, 2)
+    y_fix = T([[[1, IGNORE]]])
+    # mix: logits [0, ln 3] on 2 pixels: p1 = 3/4, CE(class 1) = ln 4/3, CE(class 0) = ln 4
+    out_mix = _logits([[[math.log(3.0), math.log(3.0)]]])
+    y_a = T([[[1, IGNORE]]])  # the fix image's masked pixels stay ignored in the lam term
+    y_b = T([[[0, 1]]])  # the partner's full hard map
+    lam = 0.25
+    fix, mix = semifl_loss(out_fix, y_fix, out_mix, y_a, y_b, lam)
+    assert fix.item() == pytest.approx(math.log(2))
+    # lam * ln(4/3) + (1 - lam) * (ln 4 + ln 4/3) / 2
+    assert mix.item() == pytest.approx(0.25 * math.log(4 / 3) + 0.75 * (math.log(4) + math.log(4 / 3)) / 2)
+    assert masked_ce(out_fix, torch.full((1, 1, 2), IGNORE)).item() == 0.0  # nothing valid: 0, not NaN
+
+
+def test_mixup_lambda_is_keyed():
+    a = mixup_lambda(0.75, 3, 1, "client0", "mixup", 0, 0)
+    assert a == mixup_lambda(0.75, 3, 1, "client0", "mixup", 0, 0) and 0 < a < 1
+    assert a != mixup_lambda(0.75, 3, 1, "client0", "mixup", 0, 1)
+
+
+def test_server_momentum_step_two_rounds_by_hand():
+    # round 1: global 1.0, client average 0.6 -> d = 0.4, buf = 0.4, new = 1.0 - 0.4 = 0.6
+    new, buf = server_momentum_step({"w": T([1.0])}, {"w": T([0.6])}, None, lr=1.0, momentum=0.5)
+    assert new["w"].item() == pytest.approx(0.6) and buf["w"].item() == pytest.approx(0.4)
+    # the server fine-tunes 0.6 -> 0.7; round 2: average 0.5 -> d = 0.2, buf = 0.5 * 0.4 + 0.2 = 0.4,
+    # new = 0.7 - 0.4 = 0.3
+    new, buf = server_momentum_step({"w": T([0.7])}, {"w": T([0.5])}, buf, lr=1.0, momentum=0.5)
+    assert new["w"].item() == pytest.approx(0.3) and buf["w"].item() == pytest.approx(0.4)
+    # torch's SGD(lr 1, momentum 0.5) with the pseudo-gradient global - average gives the same
+    p = torch.nn.Parameter(T([1.0]))
+    opt = torch.optim.SGD([p], lr=1.0, momentum=0.5)
+    for fine_tuned, avg in ((1.0, 0.6), (0.7, 0.5)):
+        with torch.no_grad():
+            p.fill_(fine_tuned)
+        p.grad = p.detach() - avg
+        opt.step()
+    assert p.item() == pytest.approx(0.3)
+
+
+def _state_bytes(sd):
+    return sum(v.numel() * v.element_size() for v in sd.values())
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory, one_thread):
+    """3 tiny rounds in process: warm-up, then two rounds of clients (the server momentum used twice)."""
+    tmp = tmp_path_factory.mktemp("semifl")
+    return tmp, *run_tiny(tmp, "in", *SEMIFL, "train.rounds=3")
+
+
+def test_tiny_rounds(ref):
+    import networks
+    from utils.logger import read_metrics
+
+    _, cfg, _ = ref
+    recs = read_metrics(cfg.output.dir)
+    sd = _state_bytes(networks.build_model("tiny").state_dict())
+    # round 0 (warm-up): the server fine-tunes and broadcasts; nothing goes up
+    assert set(recs[0]["loss"]) == {"server"}
+    assert all(b["up"] == 0 and b["down"] == sd for b in recs[0]["bytes"].values())
+    # rounds 1, 2: clients train on fix + mix batches, send their weights, receive the next global model
+    for r in (1, 2):
+        for n in ("client0", "client1"):
+            loss = recs[r]["loss"][n]
+            assert {"semifl_fix", "semifl_mix", "semifl_kept"} <= set(loss)
+            assert all(math.isfinite(v) for v in loss.values())
+            assert recs[r]["bytes"][n] == {"up": sd, "down": sd}
+        assert math.isfinite(recs[r]["loss"]["server"]["sup_seg"])
+
+
+def test_flower_sim_identical(ref):
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    tmp, cfg, res = ref
+    cfg2, res2 = run_tiny(tmp, "sim", *SEMIFL, "train.rounds=3", "train.worker_threads=1", engine="flower-sim")
+    assert_same_run(cfg, res, cfg2, res2)
+
+
+def test_resume_is_identical(ref):
+    """Stopped after round 1 and resumed: the server's momentum buffer comes back from its ``extra``."""
+    from pathlib import Path
+
+    from fed import load_config
+    from fed.run import train
+
+    tmp, cfg, res = ref
+    cfg2, out = run_tiny(tmp, "resumed", *SEMIFL, "train.rounds=3", stop_after=2)
+    assert out == {"stopped_after": 1}
+    res2 = train(load_config(Path(cfg2.output.dir) / "config.yaml"), resume=True, progress=False)
+    assert_same_run(cfg, res, cfg2, res2)
+
+
+def test_server_aggregate_steps_parameters_and_averages_buffers():
+    from types import SimpleNamespace
+
+    from fed.semifl import SemiFL
+
+    model = torch.nn.BatchNorm1d(1)  # parameters weight, bias; buffers running_mean, running_var, count
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    server = SimpleNamespace(model=model, extra={})
+    cfg = SimpleNamespace(semifl=SimpleNamespace(server_lr=1.0, server_momentum=0.5))
+
+    def client(w, b, mean):
+        return {"weight": T([w]), "bias": T([b]), "running_mean": T([mean]), "running_var": T([1.0]),
+                "num_batches_tracked": T(4)}
+
+    # round 1: average weight (0.4 + 0.8) / 2 = 0.6, bias (0.2 + 0.0) / 2 = 0.1: d = (0.4, -0.1) -> (0.6, 0.1)
+    SemiFL(cfg).aggregate(server, [client(0.4, 0.2, 1.0), client(0.8, 0.0, 3.0)])
+    assert model.weight.item() == pytest.approx(0.6) and model.bias.item() == pytest.approx(0.1)
+    assert model.running_mean.item() == pytest.approx(2.0)  # buffers: the plain average
+    # the server fine-tunes weight 0.6 -> 0.7; round 2: average 0.5 -> d = 0.2, buf = 0.5 * 0.4 + 0.2 = 0.4,
+    # weight 0.7 - 0.4 = 0.3; bias: average 0.1 -> d = 0, buf = 0.5 * -0.1 = -0.05, bias 0.1 + 0.05 = 0.15
+    with torch.no_grad():
+        model.weight.fill_(0.7)
+    SemiFL(cfg).aggregate(server, [client(0.5, 0.1, 0.0), client(0.5, 0.1, 0.0)])
+    assert model.weight.item() == pytest.approx(0.3) and model.bias.item() == pytest.approx(0.15)
+    assert server.extra["momentum"]["weight"].item() == pytest.approx(0.4)
