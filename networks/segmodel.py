@@ -10,7 +10,10 @@ With ``need_fp=True`` (UniMatch-style feature perturbation, SPEC section 2) ever
 doubled as ``[f, Dropout2d(0.5)(f)]`` along the batch; ``mask`` is then the pair ``(clean, perturbed)``
 and ``confidence`` covers the doubled batch (its first half is the clean one). With ``native=True`` the
 dict also holds ``'mask_native'``: the mask logits at the head's own resolution (stride 4 for the
-DeepLabV3+ family), before :func:`upsample`; ``upsample(mask_native, (H, W))`` is ``mask``.
+DeepLabV3+ family), before :func:`upsample`; ``upsample(mask_native, (H, W))`` is ``mask``. With
+``features=True`` it also holds ``'feature'``: the decoder's penultimate feature map, the input of the
+head's ``classifier`` (B, D, h, w) (the 256-d stride-4 ``last_conv1`` output of DeepLabV3+; D is
+:func:`feature_channels`; with ``need_fp`` it covers the doubled batch, as ``confidence``).
 """
 from __future__ import annotations
 
@@ -101,21 +104,32 @@ class SegModel(nn.Module):
                 f"{self.accepted_sizes()} (height and width); got {h}x{w}. "
                 f"Set data.size accordingly.")
 
-    def forward(self, x: torch.Tensor, need_fp: bool = False, native: bool = False) -> Dict[str, object]:
+    def forward(self, x: torch.Tensor, need_fp: bool = False, native: bool = False,
+                features: bool = False) -> Dict[str, object]:
         h, w = x.shape[-2:]
         self.check_size(h, w)
         feats = self.backbone(x)
         if need_fp:
             feats = {k: torch.cat([f, F.dropout2d(f, self.fp_rate, training=True)])
                      for k, f in feats.items()}
-        low, confidence = self.classifier(feats)
+        grabbed = []  # features=True: the input of the head's classifier, seen by a pre-hook
+        hook = self.classifier.classifier.register_forward_pre_hook(
+            lambda _, args: grabbed.append(args[0])) if features else None
+        try:
+            low, confidence = self.classifier(feats)
+        finally:
+            if hook is not None:
+                hook.remove()
         mask = upsample(low, (h, w))
         confidence = upsample(confidence, (h, w))
         if need_fp:
-            return {"mask": tuple(mask.chunk(2)), "confidence": confidence}
-        out = {"mask": mask, "confidence": confidence}
-        if native:
-            out["mask_native"] = low
+            out = {"mask": tuple(mask.chunk(2)), "confidence": confidence}
+        else:
+            out = {"mask": mask, "confidence": confidence}
+            if native:
+                out["mask_native"] = low
+        if features:
+            out["feature"] = grabbed[0]
         return out
 
 
@@ -129,3 +143,9 @@ def head_output(head: SelfAssessmentHead, feat: torch.Tensor) -> Tuple[torch.Ten
     sa_logits = head.classifier(feat)
     logits = head.classifier(feat) if head.training else sa_logits
     return logits, head.assess(feat, sa_logits)
+
+
+def feature_channels(model: SegModel) -> int:
+    """Channels D of the ``feature`` map (``forward(..., features=True)``): the input width of the
+    head's classifier (its first convolution)."""
+    return next(m for m in model.classifier.classifier.modules() if isinstance(m, nn.Conv2d)).in_channels
