@@ -6,8 +6,19 @@ Adding a method = one file with a :class:`fed.base.Method` subclass + one line i
 from .hssf import HSSF
 from .local import Local
 from .lssl import LSSL
+from .mean_teacher import MeanTeacher
+from .fixmatch import FixMatch
+from .unimatch import UniMatch
+from .semifl import SemiFL
+from .eln import ELN
+from .fedmd import FedMD
+from .ktpfl import KTpFL
+from .feddistill import FedDistill
+from .fedproto import FedProto
+from .rhfl import RHFL
 
-METHODS = {m.name: m for m in (HSSF, LSSL, Local)}
+METHODS = {m.name: m for m in (HSSF, LSSL, Local, SemiFL, ELN, MeanTeacher, FixMatch, UniMatch,
+                               FedMD, KTpFL, FedDistill, FedProto, RHFL)}
 
 
 def check_config(cfg) -> list:

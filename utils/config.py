@@ -82,7 +82,9 @@ def _synthetic(v):
 SCHEMA: Dict[str, Any] = {
     "name": Key("hssf", str, "Experiment name (used in `output.dir`)."),
     "method": Key("hssf", str, "Federated method: `hssf`, `lssl` (FedAvg + local SSL, homogeneous), "
-                  "`local` (no collaboration). See `fed/`."),
+                  "`local` (no collaboration); the paper's baselines `mean_teacher`, `fixmatch`, `unimatch`, "
+                  "`eln`, `semifl` (homogeneous) and `fedmd`, `ktpfl`, `feddistill`, `fedproto`, `rhfl` "
+                  "(heterogeneous). See `fed/` and README \"Baselines\"."),
     "seed": Key(42, int, "Seeds data splits, augmentation, noise, dropout and initialisation."),
     "device": Key("auto", str, "`auto` (CUDA if available, else CPU), `cpu`, `cuda`, `cuda:N`.",
                   check=_device),
@@ -196,6 +198,154 @@ SCHEMA: Dict[str, Any] = {
                           choices=["fixmatch", "hssf"]),
         "tau": Key(0.95, float, "Confidence threshold of the `fixmatch` local step.", check=_unit),
         "unlabeled_weight": Key(1.0, float, "Weight of the local pseudo-label loss.", check=_nonneg),
+    },
+    "eln": {
+        "eln_rounds": Key(10, int, "ELN: rounds of ELN and aux-decoder training on D_p after the warm-up, before "
+                          "the SSL phase (BASELINES: about 10).", check=_nonneg),
+        "eln_epochs": Key(1, int, "ELN: passes over D_p per ELN round by whoever trains the ELN.", check=_pos),
+        "arch": Key("resnet34", str, "ELN: registry architecture of the error-localisation network (one output "
+                    "class), behind a 1x1-conv input adapter from [image, entropy, logits] (6 channels) to 3."),
+        "mapping": Key("server", str, "ELN: `server` trains the ELN and aux decoders at the server on D_p and "
+                       "sends the frozen ELN once; `clients`: every client trains them on D_p and they are "
+                       "FedAvg'd with the model.", choices=["server", "clients"]),
+        "aux_factors": Key([20.0, 50.0], list, "ELN: aux decoder i's CE counts only while >= c_i x main CE "
+                           "(two decoders: two factors).",
+                           check=lambda v: None if len(v) == 2 and all(isinstance(x, (int, float)) and
+                                                                       not isinstance(x, bool) and x >= 0
+                                                                       for x in v)
+                           else "must be two numbers >= 0 (one per auxiliary decoder)"),
+        "threshold": Key(0.5, float, "ELN: pseudo-labels kept where sigmoid(ELN) >= this.", check=_unit),
+        "ema": Key(0.995, float, "ELN: EMA teacher momentum.", check=_unit),
+        "reset_student": Key(True, bool, "ELN: reset the student to the teacher at the start of every local "
+                             "epoch of the SSL phase (official); false: keep the received student."),
+        "contrastive": Key(True, bool, "ELN: pixel contrastive loss between student and teacher projections."),
+        "crops": Key(8, int, "ELN: random crops of the feature map per batch for the contrastive loss.", check=_pos),
+        "crop_size": Key(32, int, "ELN: crop side (feature-map pixels, capped at the map size).", check=_pos),
+        "temperature": Key(0.5, float, "ELN: contrastive temperature.", check=_pos),
+    },
+    "semifl": {
+        "local_epochs": Key(5, int, "SemiFL: local epochs per round on fix and mix batches (official `local_epoch` 5).",
+                            check=_pos),
+        "server_epochs": Key(5, int, "SemiFL: server fine-tuning passes over D_p per round (official 5).",
+                             check=_nonneg),
+        "tau": Key(0.95, float, "SemiFL: pixel confidence threshold of the fix set (`fix@0.95`).", check=_unit),
+        "mix_alpha": Key(0.75, float, "SemiFL: mixup `lam ~ Beta(alpha, alpha)`, one draw per batch.", check=_pos),
+        "clip": Key(1.0, float, "SemiFL: client gradient-norm clipping (0: none).", check=_nonneg),
+        "server_lr": Key(1.0, float, "SemiFL: lr of the server SGD step that applies the client average.",
+                         check=_pos),
+        "server_momentum": Key(0.5, float, "SemiFL: momentum of that step (official `gm`).", check=_unit),
+        "sbn": Key(True, bool, "SemiFL: recompute BatchNorm statistics (one cumulative pass) before each "
+                   "broadcast, on D_p at the server (official `sbn=1` also uses client data, which the "
+                   "server does not have); false: keep the running statistics."),
+    },
+    "mean_teacher": {
+        "ema_decay": Key(0.99, float, "Mean Teacher: EMA decay of the teacher, `alpha = min(1 - 1/(step+1), "
+                         "ema_decay)` (SSL4MIS 0.99; the paper's later phase and HSSF's ModelEMA: 0.999).",
+                         check=_unit),
+        "consistency": Key(0.1, float, "Mean Teacher: maximum consistency weight (SSL4MIS `consistency`).",
+                           check=_nonneg),
+        "ramp_length": Key(200.0, float, "Mean Teacher: sigmoid ramp-up `w = consistency * exp(-5 (1 - "
+                           "min(t / ramp_length, 1))^2)` with `t = floor(step / ramp_div)` (SSL4MIS 200).",
+                           check=_pos),
+        "ramp_div": Key(150, int, "Mean Teacher: unlabeled steps per ramp unit `t` (SSL4MIS 150: the ramp "
+                        "ends after 30000 steps, its whole run). A step is one of the client's unlabeled "
+                        "batches (the counter lives with the client across rounds; the warm-up takes no "
+                        "unlabeled steps); to end the ramp after N steps set `ramp_div = N / ramp_length`; 0: "
+                        "each client's own number of unlabeled steps in the run (the ramp ends with the run).",
+                        check=_nonneg),
+        "zero_steps": Key(1000, int, "Mean Teacher: the consistency weight is 0 for the client's first "
+                          "`zero_steps` unlabeled steps (SSL4MIS 1000 iterations; scale with `ramp_div`). "
+                          "The teacher still follows the student; no optimizer step is taken.",
+                          check=_nonneg),
+        "noise_std": Key(0.1, float, "Mean Teacher: std of the Gaussian noise on the teacher's input, "
+                         "clamped to +-2 std (SSL4MIS 0.1, clamp 0.2).", check=_nonneg),
+        "teacher": Key("fedavg", str, "Mean Teacher in FL: `fedavg` (after the warm-up clients send the "
+                       "teacher's parameters too; both averaged; the teacher's BN buffers are the student's) or `reset` "
+                       "(teacher := the global model at the start of every round; student weights only).",
+                       choices=["fedavg", "reset"]),
+    },
+    "fixmatch": {
+        "threshold": Key(0.95, float, "FixMatch: pixel confidence threshold of the weak view's pseudo-labels.",
+                         check=_unit),
+        "unlabeled_weight": Key(1.0, float, "FixMatch: weight `lambda_u` of the unlabeled loss relative to "
+                                "the supervised pass's loss (weight 1).", check=_nonneg),
+        "strong": Key("unimatch", str, "FixMatch's strong view: `unimatch` (built from the weak view: colour "
+                      "jitter, grayscale, blur as UniMatch's FixMatch) or `randaugment` (the loaders' strong "
+                      "view: the weak view + RandAugmentMC(2, 10) + noise, as HSSF's local step).",
+                      choices=["unimatch", "randaugment"]),
+        "cutmix": Key(True, bool, "FixMatch: CutMix on the strong view (p 0.5, 2-40% of the image) with the "
+                      "mixing image's pseudo-labels inside the box, as UniMatch's FixMatch."),
+    },
+    "unimatch": {
+        "threshold": Key(0.95, float, "UniMatch: pixel confidence threshold of the weak view's pseudo-labels.",
+                         check=_unit),
+    },
+    "fedmd": {
+        "digest_epochs": Key(1, int, "FedMD: Digest passes over the round's public pass (L1 regression to the "
+                             "consensus; FedMD_clean `N_logits_matching_round`).", check=_nonneg),
+        "average": Key("logits", str, "FedMD: what the consensus averages: `logits` (raw logits, the original) "
+                       "or `probs` (softmax probabilities: less scale-sensitive across architectures; the digest "
+                       "then regresses the softmax).", choices=["logits", "probs"]),
+        "logits_dtype": Key("float32", str, "FedMD exchange reduction (lossy): `float16` sends the public "
+                            "logits and the consensus in half precision (averaged in fp32).",
+                            choices=["float32", "float16"]),
+    },
+    "ktpfl": {
+        "temperature": Key(10.0, float, "KT-pFL: temperature T of the soft predictions softmax(logits/T) and "
+                           "of the distillation (code `Temp`).", check=_pos),
+        "rho": Key(0.7, float, "KT-pFL: weight of the penalty MSE(c_n, 1/K) in the update of the "
+                   "knowledge-coefficient matrix (code `penalty_ratio`).", check=_nonneg),
+        "distill_epochs": Key(1, int, "KT-pFL: distillation passes over the round's public pass (code "
+                              "`N_logits_matching_round`).", check=_nonneg),
+        "local_ramp": Key(0, int, "KT-pFL: 0 = `train.local_epochs` local epochs every round (the shared "
+                          "harness); N > 0 = the code's ramp: min(j + 1, N) local epochs in the j-th round "
+                          "after the warm-up (code: N = 10; up to N times the local cost).", check=_nonneg),
+        "soft_dtype": Key("float32", str, "KT-pFL exchange reduction (lossy): `float16` sends the soft "
+                          "predictions and the personalised targets in half precision.",
+                          choices=["float32", "float16"]),
+    },
+    "feddistill": {
+        "weight": Key(1.0, float, "FedDistill: weight lambda of the regulariser toward the global per-label "
+                      "logits (PFLlib `lamda`).", check=_nonneg),
+        "loss": Key("mse", str, "FedDistill regulariser: `mse` (PFLlib: MSE(logit, global logit of its label)) "
+                    "or `kl` (FedGen: KL(softmax(global logit) || softmax(logit))).", choices=["mse", "kl"]),
+        "leave_one_out": Key(False, bool, "FedDistill: client k's teacher excludes its own logits, "
+                             "(M F - F_k) / (M - 1) (Jeong et al.); false: the mean of all clients (PFLlib)."),
+    },
+    "fedproto": {
+        "ld": Key(1.0, float, "FedProto: weight lambda of the prototype regulariser (official `--ld` 1).",
+                  check=_nonneg),
+        "level": Key("pixel", str, "FedProto: `pixel` (per-pixel MSE between the decoder feature and the global "
+                     "prototype of the pixel's label) or `batch` (the batch's masked-average prototype per "
+                     "class against the global one; cheaper, not per pixel).", choices=["pixel", "batch"]),
+        "weighting": Key("uniform", str, "FedProto: the server's mean of the client prototypes per class: "
+                         "`uniform` (official code) or `counts` (weighted by pixel counts, as the paper; "
+                         "clients then send their counts).", choices=["uniform", "counts"]),
+        "projection": Key("auto", str, "FedProto, clients of different feature widths: `auto` (a fixed "
+                          "random 1x1 projection to `fedproto.dim` for each client whose width differs; "
+                          "not trained) or `off` (such a federation is a config error).",
+                          choices=["auto", "off"]),
+        "dim": Key(256, int, "FedProto: prototype width when client feature widths differ (the DeepLabV3+ "
+                   "decoder's 256).", check=_pos),
+    },
+    "rhfl": {
+        "sce_alpha": Key(0.1, float, "RHFL: weight of CE in the symmetric CE of the local step and CCR.",
+                         check=_nonneg),
+        "sce_beta": Key(1.0, float, "RHFL: weight of reverse CE (`-sum p log clamp(onehot, 1e-4, 1)`).",
+                        check=_nonneg),
+        "ccr": Key(True, bool, "RHFL: Client Confidence Re-weighting of the collaborative KL terms; off: "
+                   "every weight 1/(K-1)."),
+        "ccr_beta": Key(0.5, float, "RHFL: CCR `F_k = 1/(K-1) + beta Q_k / sum Q` (official 0.5).",
+                        check=_nonneg),
+        "collab_epochs": Key(1, int, "RHFL: passes over D_p of collaborative learning per round.",
+                             check=_nonneg),
+        "collab_optimizer": Key("fresh", str, "RHFL: each collaborative step uses a `fresh` Adam (as the "
+                                "official code: a new one per step, so a sign-like first step) or the "
+                                "client's own optimizer (`party`: AdamW with its state and schedule).",
+                                choices=["fresh", "party"]),
+        "collab_lr": Key(None, float, "RHFL: learning rate of the fresh Adam; null: the client's current "
+                         "(scheduled) learning rate (the official code uses its one lr for both).",
+                         nullable=True, check=_pos),
     },
     "output": {
         "dir": Key("runs/{name}", str, "Run directory; `{name}` is replaced by `name`."),
