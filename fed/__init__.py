@@ -9,16 +9,17 @@ from .lssl import LSSL
 from .mean_teacher import MeanTeacher
 from .fixmatch import FixMatch
 from .unimatch import UniMatch
-from .semifl import SemiFL
 from .eln import ELN
+from .semifl import SemiFL
 from .fedmd import FedMD
 from .ktpfl import KTpFL
 from .feddistill import FedDistill
 from .fedproto import FedProto
 from .rhfl import RHFL
 
-METHODS = {m.name: m for m in (HSSF, LSSL, Local, SemiFL, ELN, MeanTeacher, FixMatch, UniMatch,
-                               FedMD, KTpFL, FedDistill, FedProto, RHFL)}
+METHODS = {m.name: m for m in (HSSF, LSSL, Local,  # the official code's three
+                               MeanTeacher, FixMatch, UniMatch, ELN, SemiFL,  # homogeneous baselines
+                               FedMD, KTpFL, FedDistill, FedProto, RHFL)}  # heterogeneous baselines
 
 
 def check_config(cfg) -> list:

@@ -174,13 +174,32 @@ def test_missing_files_are_named(tmp_path):
         compare([], ref, ["dice", "f1"])
 
 
-def test_committed_logs_say_they_have_no_per_image_rows():
-    logs = ROOT / "logs" / "polyp_lite_hssf"
-    if not logs.is_dir() or (logs / "test" / "per_image.csv").exists():
-        pytest.skip("the committed log layout changed")
-    with pytest.raises(CompareError, match=r"polyp_lite_hssf: no test/per_image.csv: it holds only summaries "
+def test_a_committed_log_without_per_image_rows_is_refused_by_name():
+    logs = ROOT / "logs" / "mixed_lite"  # committed before per-image scores were kept in logs/
+    assert logs.is_dir() and not (logs / "test" / "per_image.csv").exists()
+    with pytest.raises(CompareError, match=r"mixed_lite: no test/per_image.csv: it holds only summaries "
                                            r"\(test_table.txt, results.json\).*train the run again"):
         load_run(logs)
+
+
+def test_the_committed_comparison_table_is_made_from_the_committed_logs():
+    """README "Comparison on the lite federation": the same numbers again from logs/compare_lite; the
+    run with the exact exchange reductions equals HSSF on every test image (p = 1)."""
+    import csv
+
+    logs = ROOT / "logs" / "compare_lite"
+    committed = list(csv.DictReader(open(logs / "table" / "compare.csv")))
+    runs = [logs / r["run"].split("/")[-1] for r in committed if r["reference"] == "0"]
+    result = compare(runs, logs / "hssf")
+    header, rows = csv_rows(result)
+    assert len(rows) == len(committed) == 14
+    for got, want in zip(rows, committed):
+        assert got["method"] == want["method"]
+        for k in ("dice_avg_mean", "hd95_avg_mean", "p_dice_avg", "bytes_per_round"):
+            assert (str(got[k]) == want[k]) or float(got[k]) == pytest.approx(float(want[k]), rel=1e-12), (got["label"], k)
+    exact = _row(result, "hssf (hssf_exact)")
+    assert exact["tests"]["dice"]["avg"]["p"] == 1.0
+    assert exact["stats"]["dice"]["avg"] == _row(result, "hssf (hssf)")["stats"]["dice"]["avg"]
 
 
 def test_bytes_and_time_per_round(tmp_path):
