@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 from .dataset import Item
 from .sites import Site, scan_site
@@ -29,7 +29,8 @@ class FederationFiles:
     :mod:`fed.runner`'s."""
 
     public: List[Item]
-    clients: List[Dict[str, List[Item]]]  # per client: labeled_train/unlabeled_train/val_list/test_list
+    #: per client: labeled_train/unlabeled_train/val_list/test_list; None for a client whose site was not read
+    clients: List[Optional[Dict[str, List[Item]]]]
     split_path: Path
     sites: Dict[str, Site] = field(default_factory=dict)
 
@@ -60,10 +61,20 @@ def ensure_synthetic(cfg, progress: bool = False) -> None:
                              f"and data.clients to what it holds"], header="data problem") from None
 
 
-def load_federation(cfg, progress: bool = False) -> FederationFiles:
+def load_federation(cfg, progress: bool = False, clients: Optional[Sequence[str]] = None) -> FederationFiles:
+    """The federation's file lists. ``clients``: the client sites to read (default: every one of
+    ``data.clients``); the others' lists are ``None``. A party that does not hold every site (the server
+    of a deployment reads only the public set; a site only its own folder and the public set) needs the
+    run's split file: it is generated only where every site is read."""
     d = cfg.data
-    ensure_synthetic(cfg, progress)
-    names = [d.public] + list(d.clients)
+    reading = list(d.clients) if clients is None else [c for c in d.clients if c in set(clients)]
+    unknown = sorted(set(clients or ()) - set(d.clients))
+    if unknown:
+        raise DataError([f"{', '.join(map(repr, unknown))}: not a client site of data.clients "
+                         f"({', '.join(map(repr, d.clients))})"], header="data problem")
+    if len(reading) == len(d.clients):
+        ensure_synthetic(cfg, progress)
+    names = [d.public] + reading
     sites = {s: scan_site(d.root, d.dataset, s) for s in names}
     problems = [p for s in sites.values() for p in s.problems]
     missing_dirs = [s for s in names if not sites[s].images and not (sites[s].path / "image").is_dir()]
@@ -74,6 +85,11 @@ def load_federation(cfg, progress: bool = False) -> FederationFiles:
         raise DataError(problems)
 
     path = split_path_for(cfg)
+    if not path.exists() and len(reading) < len(d.clients):
+        raise DataError(problems + [
+            f"{path}: split file not found. Reading {'only the public set' if not reading else 'only ' + ', '.join(reading)}"
+            f" (not every site's folder), this party cannot make the split: give it the run's split file "
+            f"(data.split), made where every site is read (`python -m datasets.verify`) or the official one"])
     if not path.exists():
         from utils.config import labeled_ratios
 
@@ -81,7 +97,7 @@ def load_federation(cfg, progress: bool = False) -> FederationFiles:
                                d.public, d.clients, labeled_ratios(cfg), d.train_val_test, cfg.seed)
         save_split(split, path)
     try:
-        split = load_split(path, d.public, d.clients)
+        split = load_split(path, d.public, reading)
     except SplitError as e:
         raise DataError(problems + [str(e)]) from None
 
@@ -99,10 +115,10 @@ def load_federation(cfg, progress: bool = False) -> FederationFiles:
         return items
 
     public = resolve(d.public, "labeled_train")
-    clients = [{k: resolve(c, k) for k in CLIENT_SPLITS} for c in d.clients]
+    lists = [{k: resolve(c, k) for k in CLIENT_SPLITS} if c in reading else None for c in d.clients]
     if not split[d.public]["labeled_train"]:
         problems.append(f"{path}: the public site {d.public!r} has an empty labeled_train list")
-    for c in d.clients:
+    for c in reading:
         for key in ("val_list", "test_list"):
             if not split[c][key]:
                 problems.append(f"{path}: client {c!r} has an empty {key}")
@@ -110,4 +126,4 @@ def load_federation(cfg, progress: bool = False) -> FederationFiles:
             problems.append(f"{path}: client {c!r} has no training files")
     if problems:
         raise DataError(problems)
-    return FederationFiles(public, clients, path, sites)
+    return FederationFiles(public, lists, path, sites)

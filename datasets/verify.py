@@ -99,6 +99,8 @@ def _federation_entries(cfg, fed: FederationFiles) -> List[Entry]:
     d = cfg.data
     out = [Entry(d.public, "labeled_train", img, mask) for img, mask, _ in fed.public]
     for site, lists in zip(d.clients, fed.clients):
+        if lists is None:  # a site this party does not read
+            continue
         for key in CLIENT_SPLITS:
             out += [Entry(site, key, img, mask if key in NEEDS_MASK else None) for img, mask, _ in lists[key]]
     return out
@@ -123,21 +125,21 @@ def _readable_split(path: Path, public: str, clients: Sequence[str]) -> Dict[str
     return out
 
 
-def _fallback_entries(cfg, path: Optional[Path], problems: List[str]) -> List[Entry]:
-    """Files to check when :func:`load_federation` failed.
+def _fallback_entries(cfg, path: Optional[Path], problems: List[str], clients: Sequence[str]) -> List[Entry]:
+    """Files to check when :func:`load_federation` failed (of the public site and ``clients``).
 
     It stops before resolving split names when a site folder is missing or the split file is
     unreadable; masks that are missing are then reported here (otherwise it already did).
     """
     d = cfg.data
-    names = [d.public] + list(d.clients)
+    names = [d.public] + list(clients)
     sites = {}
     for s in names:
         try:
             sites[s] = scan_site(d.root, d.dataset, s)
         except OSError as e:  # already reported: load_federation failed on it too
             problems.append(_os_problem(e, path))
-    split = _readable_split(path, d.public, d.clients) if path is not None and path.is_file() else {}
+    split = _readable_split(path, d.public, clients) if path is not None and path.is_file() else {}
     resolved = len(sites) == len(names) and all((site.path / "image").is_dir() and s in split
                                                 for s, site in sites.items())
     out: List[Entry] = []
@@ -317,8 +319,11 @@ def _check(image: Path, mask: Optional[Path]) -> Tuple[List[str], Optional[bytes
 # --------------------------------------------------------------------------- entry points
 
 
-def verify(cfg, progress: bool = True, workers: Optional[int] = None) -> Report:
-    """Check the data of ``cfg``; a :class:`Report` with every problem found (empty: all good)."""
+def verify(cfg, progress: bool = True, workers: Optional[int] = None,
+           clients: Optional[Sequence[str]] = None) -> Report:
+    """Check the data of ``cfg``; a :class:`Report` with every problem found (empty: all good).
+    ``clients``: the client sites to check besides the public one (default: all; see
+    :func:`~datasets.federation.load_federation`: a party that reads fewer needs the run's split file)."""
     from tqdm import tqdm
 
     from .federation import DataError, load_federation, split_path_for
@@ -329,16 +334,17 @@ def verify(cfg, progress: bool = True, workers: Optional[int] = None) -> Report:
     fed: Optional[FederationFiles] = None
     path: Optional[Path] = split_path_for(cfg)
     existed = path.exists()
+    reading = list(d.clients) if clients is None else [c for c in d.clients if c in set(clients)]
     try:
-        fed = load_federation(cfg, progress=progress)
+        fed = load_federation(cfg, progress=progress, clients=clients)
         path = fed.split_path
         entries = _federation_entries(cfg, fed)
     except DataError as e:
         problems += e.problems
-        entries = _fallback_entries(cfg, path, problems)
+        entries = _fallback_entries(cfg, path, problems, reading)
     except OSError as e:  # e.g. the split cannot be written next to read-only data
         problems.append(_os_problem(e, path))
-        entries = _fallback_entries(cfg, path, problems)
+        entries = _fallback_entries(cfg, path, problems, reading)
     problems += _split_overlaps(entries, d.clients, path)
 
     checks: Dict[Path, Optional[Path]] = {}  # image -> mask to check (once, even if listed twice)
@@ -362,7 +368,7 @@ def verify(cfg, progress: bool = True, workers: Optional[int] = None) -> Report:
     problems += _content_overlaps(entries, {img: r[1] for img, r in results.items()})
     problems = list(dict.fromkeys(problems))  # each once, in order
 
-    counts: Dict[str, Dict[str, int]] = {s: {} for s in [d.public] + list(d.clients)}
+    counts: Dict[str, Dict[str, int]] = {s: {} for s in [d.public] + reading}
     for e in entries:
         counts[e.site][e.key] = counts[e.site].get(e.key, 0) + 1
     return Report(problems, fed if not problems else None, path, not existed and path.exists(), counts,
@@ -374,11 +380,13 @@ def verify_data(cfg, progress: bool = True, workers: Optional[int] = None) -> Li
     return verify(cfg, progress, workers).problems
 
 
-def verify_or_raise(cfg, progress: bool = True, workers: Optional[int] = None) -> FederationFiles:
-    """The :class:`FederationFiles` of ``cfg`` once every file checks out; :class:`DataError` otherwise."""
+def verify_or_raise(cfg, progress: bool = True, workers: Optional[int] = None,
+                    clients: Optional[Sequence[str]] = None) -> FederationFiles:
+    """The :class:`FederationFiles` of ``cfg`` (of the public site and ``clients``, default all) once
+    every file checks out; :class:`DataError` otherwise."""
     from .federation import DataError
 
-    report = verify(cfg, progress, workers)
+    report = verify(cfg, progress, workers, clients)
     if report.problems:
         raise DataError(report.problems, header="data problem(s) found before training "
                                                 "(re-check with `python -m datasets.verify`)")

@@ -22,6 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from datasets.federation import load_federation
+from datasets.splits import CLIENT_SPLITS
 from utils.checkpoint import client_ckpt_name, global_ckpt_name, safe_load
 from utils.io import atomic_torch_save, atomic_write_text
 from utils.logger import RunLogger
@@ -82,13 +83,15 @@ def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = T
     t0 = time.time()
     if not resume and not overwrite:
         prepare_run_dir(cfg, dry_run=True)  # refuse an occupied run directory before any work
-    # bad data is reported before a run directory is created
+    # bad data is reported before a run directory is created; the server of a deployment holds only the
+    # public set (and the split file): each site resolves and verifies its own files when it is set up
+    clients = () if engine == "flower-deployment" else None
     if cfg.data.verify:
         from datasets.verify import verify_or_raise
 
-        data = verify_or_raise(cfg, progress=progress)
+        data = verify_or_raise(cfg, progress=progress, clients=clients)
     else:
-        data = load_federation(cfg, progress=progress)
+        data = load_federation(cfg, progress=progress, clients=clients)
     run = Path(cfg.output.dir) if resume else prepare_run_dir(cfg, overwrite)
     logger = RunLogger(run, console=progress)
     try:
@@ -184,8 +187,8 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, runner: Runner, data
                     f"{' (AMP ' + str(runner.amp.dtype).replace('torch.', '') + ')' if runner.amp.enabled else ''}"
                     f"{f'; clients in {cfg.train.client_workers} worker processes' if cfg.train.client_workers else ''}")
         logger.info(f"split {data.split_path}: public {len(data.public)} | " + " | ".join(
-            f"{s}: {'/'.join(str(len(v)) for v in items.values())}"
-            for s, items in zip(cfg.data.clients, data.clients)) + " (labeled/unlabeled/val/test)")
+            f"{runner.sites[n]}: {'/'.join(str(runner.file_counts[n].get(k, 0)) for k in CLIENT_SPLITS)}"
+            for n in runner.names) + " (labeled/unlabeled/val/test)")
     logger.info(f"exchange ({cfg.method}): up: {runner.method.sends['up']}; down: {runner.method.sends['down']}")
     R = cfg.train.rounds
     if start >= R and (run / "results.json").exists():

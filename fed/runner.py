@@ -127,6 +127,9 @@ class Runner:
         self.sites = {f"client{k}": s for k, s in enumerate(d.clients)}
         self.archs = {f"client{k}": a for k, a in enumerate(cfg.models.clients)}
         self.lost: Dict[str, str] = {}  # sites that stopped answering (Flower engines), with the reason
+        #: each client's number of files per split (a Flower site reports its own when it is set up)
+        self.file_counts: Dict[str, Dict[str, int]] = {
+            n: {key: len(v) for key, v in items.items()} for n, items in zip(self.names, data.clients) if items is not None}
         self._host_clients()
         self.skipped: Dict[str, str] = {}
         self.bytes = {n: {"up": 0, "down": 0} for n in self.names}

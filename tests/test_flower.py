@@ -131,7 +131,7 @@ def test_a_site_continues_from_its_disk_in_a_fresh_process_for_every_message(tmp
     ref = Runner(cfg, data)  # the reference: the same steps on an in-process party
     party = ref.parties["client0"]
     sites = tmp_path / "sites"
-    S.write_entry(sites / "client0", "client0", 0, "A", "tiny", data.clients[0], data.public)
+    S.write_node(sites / "client0", "A", "tiny", cfg.data.root)
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     guide = ref.server("predict_public", rnd=0, phase="fusion", epoch=0)
     steps = [("begin_round", None, {"keep": True}), ("predict_public", None, {"rnd": 0, "phase": "condensation", "epoch": 0}),
@@ -143,9 +143,13 @@ def test_a_site_continues_from_its_disk_in_a_fresh_process_for_every_message(tmp
         S._SITES.clear()  # a new process
         return S.serve(msg, ctx, str(sites))
 
-    setup = {"settings": json.dumps(cfg.settings()), "device": "cpu", "threads": 1, "persist": "message"}
+    split = json.loads(data.split_path.read_text())
+    setup = {"settings": json.dumps(cfg.settings()), "device": "cpu", "threads": 1, "persist": "message",
+             "name": "client0", "index": 0, "split": json.dumps({"P": split["P"], "A": split["A"]}), "verify": False}
+    assert decode_payload(serve(_site_message("hello", "query", 0, 0)).content) == {"site": "A", "arch": "tiny"}
     reply = serve(_site_message("setup", "train", 0, 0, extra=setup))
-    assert decode_payload(reply.content) == {"name": "client0", "index": 0, "site": "A", "arch": "tiny"}
+    assert decode_payload(reply.content) == {"name": "client0", "index": 0, "site": "A", "arch": "tiny",
+                                             "files": {k: len(v) for k, v in data.clients[0].items()}}
     version, restored = 0, 0
     for n, (step, payload, kw) in enumerate(steps, 1):
         kind = "query" if step in READ_ONLY else "train"
@@ -170,6 +174,76 @@ def test_a_site_continues_from_its_disk_in_a_fresh_process_for_every_message(tmp
     reply = S.serve(_site_message("no_such_step", "train", 0, 23), ctx, str(sites))
     reason, _, trace = reply.error.reason.partition(S.TRACE)
     assert reason.startswith("AttributeError") and "Traceback" in trace
+
+
+def test_a_deployed_site_declares_itself_and_reads_only_its_own_files(tmp_path):
+    """The loopback launcher's layout: the server gets the public set and the split file only (and
+    cannot resolve any site); a node declares its site, arch and data root in its node config, answers
+    ``hello`` with them, and at ``setup`` resolves its part of the split in its own data root and
+    verifies it: a corrupt file of its own, or a node config that lacks a key, is an error that names it."""
+    from flwr.app import Context, RecordDict
+
+    from datasets.federation import DataError, load_federation
+    from datasets.verify import verify
+    from fed.flower import site as S
+    from fed.flower.codec import decode_payload
+    from fed.flower.deploy import node_config, provision
+    from flwr.common.config import parse_config_args
+
+    cfg = load_config(None, tiny_overrides(tmp_path, "dep"))
+    full = load_federation(cfg)
+    nodes = provision(cfg, tmp_path / "w")  # points cfg.data at the server's folder
+    assert cfg.data.root == str(tmp_path / "w" / "server" / "data")
+    server = load_federation(cfg, clients=())
+    assert server.clients == [None, None] and [n for *_, n in server.public] == [n for *_, n in full.public]
+    assert verify(cfg, progress=False, clients=()).problems == []
+    with pytest.raises(DataError, match="site folder.s. not found.*A, B"):
+        load_federation(cfg)  # the server holds no site's folder
+    (tmp_path / "w" / "server" / "split.json").rename(tmp_path / "split.json")
+    with pytest.raises(DataError, match="split file not found. Reading only the public set"):
+        load_federation(cfg, clients=())
+    (tmp_path / "split.json").rename(tmp_path / "w" / "server" / "split.json")
+
+    # node 0 as its SuperNode gets it: the launcher's --node-config string, parsed by Flower
+    ctx = Context(run_id=1, node_id=7, node_config=parse_config_args([node_config(nodes[0])]), state=RecordDict(),
+                  run_config={})
+    assert ctx.node_config == nodes[0] and set(nodes[0]) == {"site-dir", "site", "arch", "data-root"}
+    split = json.loads((tmp_path / "w" / "server" / "split.json").read_text())
+    setup = {"settings": json.dumps(cfg.settings()), "device": "cpu", "threads": 1, "persist": "message",
+             "name": "client0", "index": 0, "split": json.dumps({"P": split["P"], "A": split["A"]}), "verify": True}
+    assert decode_payload(S.serve(_site_message("hello", "query", 0, 0), ctx).content) == {"site": "A", "arch": "tiny"}
+    reply = S.serve(_site_message("setup", "train", 0, 1, extra=setup), ctx)
+    assert not reply.has_error(), reply.error.reason
+    assert decode_payload(reply.content)["files"] == {k: len(v) for k, v in full.clients[0].items()}
+    entry = json.loads((Path(nodes[0]["site-dir"]) / "entry.json").read_text())
+    assert entry["data"] == {k: S.items_to_json(v) for k, v in full.clients[0].items()}
+    assert entry["public"] == S.items_to_json(full.public)  # the site's own copy of D_p (here: the same folder)
+
+    bad = full.clients[0]["val_list"][0][0]
+    bad.write_bytes(b"not an image")
+    reply = S.serve(_site_message("setup", "train", 0, 2, extra=setup), ctx)
+    assert reply.has_error() and reply.error.reason.startswith("DataError") and str(bad) in reply.error.reason
+    assert not (Path(nodes[0]["site-dir"]) / "entry.json").exists()  # nothing of the failed setup is used
+
+    ctx = Context(run_id=1, node_id=7, node_config={"site-dir": str(tmp_path / "x"), "site": "A"}, state=RecordDict(),
+                  run_config={})
+    reply = S.serve(_site_message("hello", "query", 0, 3), ctx)
+    assert reply.has_error() and "lacks 'arch', 'data-root'" in reply.error.reason
+
+
+def test_flower_setup_refuses_a_site_whose_arch_is_not_the_runs(tmp_path, monkeypatch):
+    """A node that declares another architecture than the run's ``models.clients`` stops the run at
+    setup, before any training, with both names (here on the simulation: node.json stands for the node
+    config)."""
+    import fed.flower.engine as E
+
+    real = E.write_node
+    monkeypatch.setattr(E, "write_node", lambda folder, site, arch, root: real(folder, site, "resnet18" if site == "B"
+                                                                                 else arch, root))
+    cfg = load_config(None, tiny_overrides(tmp_path, "arch", "train.worker_threads=1"))
+    with pytest.raises(RuntimeError, match="site 'B', client1. runs arch 'resnet18' but the run's models.clients gives 'tiny'"):
+        train(cfg, progress=False, engine="flower-sim")
+    assert not (Path(cfg.output.dir) / "metrics.jsonl").exists() or not (Path(cfg.output.dir) / "metrics.jsonl").read_text()
 
 
 # --- whole runs ---------------------------------------------------------------------------------------

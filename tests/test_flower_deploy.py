@@ -109,6 +109,17 @@ def test_a_site_that_dies_stops_the_run_which_resumes_on_a_new_deployment(tmp_pa
         assert (site / "state" / f"client{k}.r1.pt").exists() and (site / "live.pt").exists()
         assert list((site / "test_overlays").glob("*.png"))
     assert (run / "state" / "server.r1.pt").exists() and not (run / "test" / "overlays").exists()
+    # the server held the public set and the split file only: every site read its own files
+    server = tmp_path / "w" / "server"
+    assert load_config(run / "config.yaml").data.root == str(server / "data")
+    assert [p.name for p in (server / "data" / "syn").iterdir()] == ["P"]
+    for k, site in enumerate("AB"):
+        entry = json.loads((tmp_path / "w" / "sites" / f"client{k}" / "entry.json").read_text())
+        assert entry["site"] == site and entry["data"]["test_list"]
+        assert all(Path(i).parent.parent.name == site for lst in entry["data"].values() for i, _, _ in lst)
+    nodes = json.loads((tmp_path / "w" / "flower" / "sites.json").read_text())  # the SuperNodes' node configs
+    assert [(n["site"], n["arch"], n["site-dir"]) for n in nodes] == [
+        (s, "tiny", str(tmp_path / "w" / "sites" / f"client{k}")) for k, s in enumerate("AB")]
 
 
 def test_launcher_command_line(tmp_path):

@@ -166,7 +166,7 @@ def test_on_the_flower_simulation_the_wire_carries_the_same(tmp_path, monkeypatc
     RecordDict holds a ``call`` record (the step, the serving process's pid, whether it read its
     state from disk), and a payload only where the step has one; arrays only in ``predict_public``
     (``logits``, ``grade``) and ``weights`` (the state dict, the run's checkpoints); the setup reply
-    names the site (name, index, site, arch)."""
+    names the site (name, index, site, arch) and its number of files per split."""
     pytest.importorskip("flwr")
     pytest.importorskip("ray")
     import json
@@ -188,9 +188,14 @@ def test_on_the_flower_simulation_the_wire_carries_the_same(tmp_path, monkeypatc
     train(cfg, progress=False, engine="flower-sim")
     d = cfg.data
     N = 8 // d.batch_size * d.batch_size
-    replies = [s for s in seen if s[0] != "setup"]
-    setups = [s for s in seen if s[0] == "setup"]
-    assert len(setups) == 2 and all(set(t) == {"name", "index", "site", "arch"} for *_, t in setups)
+    replies = [s for s in seen if s[0] not in ("hello", "setup")]
+    hellos = [t for step, *_, t in seen if step == "hello"]
+    setups = [t for step, *_, t in seen if step == "setup"]
+    assert len(hellos) == 2 and all(set(t) == {"site", "arch"} for t in hellos)
+    # the setup reply: who the site is, and how many files of each split it has (numbers, no names)
+    assert len(setups) == 2 and all(set(t) == {"name", "index", "site", "arch", "files"} for t in setups)
+    assert all(set(t["files"]) == {"labeled_train", "unlabeled_train", "val_list", "test_list"}
+               and all(type(v) is int for v in t["files"].values()) for t in setups)
     assert {s[0] for s in replies} >= {"predict_public", "fuse", "local", "evaluate", "end_round"}
     for step, records, call, arrays, tree in replies:
         assert call == {"step", "pid", "restored"} and records <= {"call", "payload", "arrays"}

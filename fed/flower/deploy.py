@@ -13,15 +13,18 @@ Two halves:
   :class:`~fed.flower.engine.FlowerRunner` whose Grid is the SuperLink's (the run's config is a file named
   by the run config key ``config``; ``resume=true`` continues its run directory). It writes
   ``status.json`` (``{"ok": true, "results": ...}`` or ``{"ok": false, "error": ...}``) beside that file.
-- **The loopback launcher** (:func:`deploy`, ``python -m fed.flower.deploy``): provisions each site's
-  disk (``entry.json``, as a site's operator would), starts ``flower-superlink`` and one
-  ``flower-supernode`` per site (``--node-config "site-dir='...'"``) as separate processes, every port on
+- **The loopback launcher** (:func:`deploy`, ``python -m fed.flower.deploy``): gives the server a folder
+  with the public set and the split file only (:func:`provision`), starts ``flower-superlink`` and one
+  ``flower-supernode`` per site (``--node-config "site-dir='...' site='...' arch='...' data-root='...'"``:
+  each site declares who it is and reads its own files) as separate processes, every port on
   127.0.0.1, runs ``flwr run`` with a private ``FLWR_HOME`` (its ``config.toml`` names the SuperLink),
   waits for ``status.json``, copies the services' logs into ``<run>/deploy/`` and stops every process it
   started (each in its own process group, by the recorded pids: SIGTERM, then SIGKILL).
 
-Layout of ``--workdir W``: ``W/run`` (the run directory, as ``train.py`` writes it), ``W/sites/client{k}``
-(the sites' disks), ``W/flower`` (``FLWR_HOME``, the resolved ``config.yaml``, ``status.json``, logs).
+Layout of ``--workdir W``: ``W/run`` (the run directory, as ``train.py`` writes it), ``W/server`` (the
+server's data: the public set and ``split.json``), ``W/sites/client{k}`` (the sites' disks),
+``W/flower`` (``FLWR_HOME``, the resolved ``config.yaml``, the nodes' configs ``sites.json``,
+``status.json``, logs).
 The final test runs at the sites, as in ``train.py``: each site is sent its best-validation weights,
 scores them on its own test split and returns the per-image rows (its overlays stay in its folder); the
 server reads no site's files.
@@ -42,7 +45,7 @@ from typing import Dict, List, Optional
 
 from . import engine as _engine  # noqa: F401  (sets Flower's offline environment first)
 from .engine import FlowerRunner
-from .site import make_client_app, write_entry
+from .site import make_client_app
 
 REPO = Path(__file__).resolve().parents[2]
 APP_DIR = REPO / "flower_app"
@@ -115,7 +118,7 @@ def _make_server_app():
 
 
 server_app = _make_server_app()
-client_app = make_client_app(None)  # a deployed node names its folder in its node config (site-dir)
+client_app = make_client_app(None)  # a deployed node declares its folder, site, arch and data root in its node config
 
 
 # --- the loopback launcher ---------------------------------------------------------------------------
@@ -261,17 +264,45 @@ def _signal_pid(pid: int, sig) -> None:
         pass
 
 
-def provision(cfg, workdir: Path) -> List[Path]:
-    """Each site's disk: ``W/sites/client{k}/entry.json`` with its own file lists and the public set."""
+SITES_FILE = "sites.json"  # W/flower/sites.json: each loopback site's node config, for --resume
+
+
+def provision(cfg, workdir: Path) -> List[dict]:
+    """Lay out the loopback federation as separate parties would hold it; returns each site's node config.
+
+    The run's split file is made where every site's folder is at hand (as a federation's split is drawn
+    up); the server gets a folder of its own, ``W/server``, with a copy of the public set and of the split
+    file only, and ``cfg.data`` is pointed there, so the ServerApp cannot read any site's files. Each site
+    is declared by its node config: its folder ``W/sites/client{k}``, its site name, architecture and data
+    root (here the config's ``data.root``), from which it resolves and verifies its own files.
+    ``cfg.data`` then names the server's folder (``root``, ``split``; no ``synthetic`` generation)."""
+    import shutil
+
     from datasets.federation import load_federation
 
-    data = load_federation(cfg, progress=False)
-    folders = []
-    for k, (site, arch) in enumerate(zip(cfg.data.clients, cfg.models.clients)):
-        folder = workdir / "sites" / f"client{k}"
-        write_entry(folder, f"client{k}", k, site, arch, data.clients[k], data.public)
-        folders.append(folder)
-    return folders
+    files = load_federation(cfg, progress=False)
+    server = workdir / "server"
+    pub = server / "data" / cfg.data.dataset / cfg.data.public
+    for kind in ("image", "mask"):
+        (pub / kind).mkdir(parents=True, exist_ok=True)
+    for image, mask, _ in files.public:
+        shutil.copy2(image, pub / "image" / image.name)
+        shutil.copy2(mask, pub / "mask" / mask.name)
+    shutil.copy2(files.split_path, server / "split.json")
+    nodes = [{"site-dir": str(workdir / "sites" / f"client{k}"), "site": site, "arch": arch,
+              "data-root": str(Path(cfg.data.root).resolve())}
+             for k, (site, arch) in enumerate(zip(cfg.data.clients, cfg.models.clients))]
+    # the server's folder is a copy, not synthetic data to generate
+    cfg.data.root, cfg.data.split, cfg.data.synthetic = str(server / "data"), str(server / "split.json"), None
+    return nodes
+
+
+def node_config(node: dict) -> str:
+    """``--node-config`` of a SuperNode: ``key='value'`` pairs (no value may hold a quote)."""
+    bad = [v for v in node.values() if "'" in str(v) or '"' in str(v)]
+    if bad:
+        raise ValueError(f"a node config value holds a quote, which Flower's --node-config cannot carry: {bad}")
+    return " ".join(f"{k}='{v}'" for k, v in node.items())
 
 
 def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, on_start=None,
@@ -294,9 +325,11 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
         from fed.run import prepare_run_dir
 
         prepare_run_dir(cfg, dry_run=True)  # refuse an occupied run directory before starting anything
+        nodes = provision(cfg, workdir)
         cfg_path.write_text(yaml.safe_dump(cfg.settings(), sort_keys=False))
-    folders = provision(cfg, workdir) if not resume else [workdir / "sites" / f"client{k}"
-                                                          for k in range(len(cfg.data.clients))]
+        (fl / SITES_FILE).write_text(json.dumps(nodes, indent=1))
+    else:
+        nodes = json.loads((fl / SITES_FILE).read_text())
     home = fl / "home"
     home.mkdir(exist_ok=True)
     link = free_port()
@@ -311,10 +344,10 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
     try:
         svc.start("superlink", [exe("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)])
         _wait_port(link, svc, 60)
-        for k, folder in enumerate(folders):
+        for k, node in enumerate(nodes):
             svc.start(f"supernode{k}", [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
                                         "--host", "127.0.0.1", "--port", str(free_port()),
-                                        "--node-config", f"site-dir='{folder}'"])
+                                        "--node-config", node_config(node)])
         cmd = [exe("flwr"), "run", str(APP_DIR), "loopback", "--run-config",
                f'config="{cfg_path}" resume={"true" if resume else "false"}']
         sub = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=120)

@@ -39,7 +39,7 @@ import torch
 from fed.runner import PARTY_CALLS, ClientFailure, Runner, to_device
 
 from .codec import content_bytes, decode_payload, encode_kw, encode_payload
-from .site import SETUP, TRACE, make_client_app, write_entry
+from .site import HELLO, SETUP, TRACE, make_client_app, write_node
 
 SITES_DIR = "sites"  # <run>/sites/<client>: the simulated sites' disks
 #: party calls that only read a party (Flower message type "query"), with a method's ``read_only`` steps;
@@ -155,9 +155,8 @@ class FlowerRunner(Runner):
         ServerApp's Grid. (A deployment would connect to its SuperLink's Grid instead: the sites'
         entries are then the sites' own.)"""
         self.sites_root = Path(self.cfg.output.dir) / SITES_DIR
-        for k, name in enumerate(self.names):
-            write_entry(self.sites_root / name, name, k, self.sites[name], self.archs[name], self.data.clients[k],
-                        self.data.public)
+        for name in self.names:  # what a deployed node's node config declares
+            write_node(self.sites_root / name, self.sites[name], self.archs[name], self.cfg.data.root)
         gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
         self._sim = _Simulation(len(self.names), self.actors, gpus, str(self.sites_root))
         try:
@@ -167,30 +166,68 @@ class FlowerRunner(Runner):
             raise
 
     def _setup(self, threads: int) -> None:
-        """Every node gets the run's settings and answers with who it is."""
+        """``hello``: every node says which site it is and its architecture; then ``setup``: each gets the
+        run's settings, its client name and index and its part of the split (the names of its own files
+        and of the public set), resolves them in its own data root, verifies them where this process has
+        not, and answers its number of files per split. Every problem of every node is reported at once."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        call = {"step": SETUP, "run": self.run_key, "version": 0, "settings": json.dumps(self.cfg.settings()),
-                "device": "cuda" if self.device.type == "cuda" else str(self.device), "threads": threads,
-                "persist": self.persist}
+        def send(node_calls: dict, kind: str):
+            msgs = [Message(RecordDict({"call": ConfigRecord(c)}), dst_node_id=n, message_type=kind)
+                    for n, c in node_calls.items()]
+            return list(self.grid.send_and_receive(msgs, timeout=START_TIMEOUT_S))
+
         nodes = list(self.grid.get_node_ids())
-        msgs = [Message(RecordDict({"call": ConfigRecord(dict(call))}), dst_node_id=n, message_type="train")
-                for n in nodes]
         problems = []
-        for reply in self.grid.send_and_receive(msgs):
+        client = {s: n for n, s in self.sites.items()}
+        for reply in send({n: {"step": HELLO, "run": self.run_key, "version": 0} for n in nodes}, "query"):
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                problems.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                problems.append(f"node {node}: {reply.error.reason.partition(TRACE)[0]}")
                 continue
             who = decode_payload(reply.content)
-            name = who["name"]
-            if name not in self.sites or (who["site"], who["arch"]) != (self.sites[name], self.archs[name]) \
-                    or name in self.node:
-                problems.append(f"node {reply.metadata.src_node_id} is {who}, which the run's config does not "
-                                f"expect (or another node is it too)")
-            self.node[name] = reply.metadata.src_node_id
-        missing = [n for n in self.names if n not in self.node]
+            name = client.get(who["site"])
+            if name is None:
+                problems.append(f"node {node} is site {who['site']!r}, which is not one of the run's data.clients "
+                                f"({', '.join(map(repr, client))})")
+            elif name in self.node:
+                problems.append(f"nodes {self.node[name]} and {node} both say they are site {who['site']!r}")
+            elif who["arch"] != self.archs[name]:
+                problems.append(f"node {node} (site {who['site']!r}, {name}) runs arch {who['arch']!r} but the run's "
+                                f"models.clients gives {self.archs[name]!r}: make the site's node config and the "
+                                f"run's config agree")
+            else:
+                self.node[name] = node
+        missing = [f"{n} (site {self.sites[n]!r})" for n in self.names if n not in self.node]
         if missing:
-            problems.append(f"no node for {', '.join(missing)}")
+            problems.append(f"no node is {', '.join(missing)}")
+        if problems:
+            raise RuntimeError("Flower setup failed: " + "; ".join(problems))
+
+        split = json.loads(Path(self.data.split_path).read_text())
+        public = self.cfg.data.public
+        base = {"step": SETUP, "run": self.run_key, "version": 0, "settings": json.dumps(self.cfg.settings()),
+                "device": "cuda" if self.device.type == "cuda" else str(self.device), "threads": threads,
+                "persist": self.persist}
+        calls = {self.node[n]: {**base, "name": n, "index": k,
+                                "split": json.dumps({public: split[public], self.sites[n]: split[self.sites[n]]}),
+                                # the data this process read is verified already (one machine: the simulation)
+                                "verify": bool(self.cfg.data.verify and self.data.clients[k] is None)}
+                 for k, n in enumerate(self.names)}
+        by_node = {v: n for n, v in self.node.items()}
+        answered = set()
+        for reply in send(calls, "train"):
+            name = by_node[reply.metadata.src_node_id]
+            answered.add(name)
+            if reply.has_error():  # bad data: the problems; anything else: with the site's traceback
+                reason, _, trace = reply.error.reason.partition(TRACE)
+                problems.append(f"{name} (site {self.sites[name]!r}): {reason}"
+                                + ("" if reason.startswith("DataError") else f"\n{trace}"))
+            else:
+                self.file_counts[name] = decode_payload(reply.content)["files"]
+        late = [n for n in self.names if n not in answered]
+        if late:
+            problems.append(f"no setup reply from {', '.join(late)} in {START_TIMEOUT_S:.0f} s")
         if problems:
             raise RuntimeError("Flower setup failed: " + "; ".join(problems))
 

@@ -1,13 +1,26 @@
 """The ClientApp side: one site (a client of the federation) answering the server's Flower Messages.
 
-A site owns a folder, its disk (in a deployment the node config's ``site-dir``; in the simulation
-``<run>/sites/client{partition-id}``), holding:
+A site is a folder, its disk, and a declaration of who it is: its ``site`` (its name in the run's
+``data.clients``), its ``arch`` and its ``data-root`` (its images in ``<data-root>/<dataset>/<site>/`` and
+the public set, which every site holds, in ``<data-root>/<dataset>/<public>/``). A deployed node gives all
+four in its node config (``--node-config "site-dir='/srv/hssf' site='Kvasir' arch='resnet34'
+data-root='/data'"`` or a ``.toml`` file of these keys); a simulated node (partition id ``k``) reads them
+from ``<sites_root>/client{k}/node.json``, which the simulation writes from the run's config.
 
-``entry.json``
-    who the site is and what it reads: ``name``, ``index``, ``site``, ``arch``, its file lists
-    ``data`` (labeled_train/unlabeled_train/val_list/test_list) and the public set ``public``, as
-    ``[image, mask or null, name]`` items. Written by the site's operator in a deployment; the
-    simulation writes it from the run's config and split (the node's partition id is the client index).
+The run's first two messages to a node: ``hello`` (a query: the node answers its ``site`` and ``arch``,
+from which the server knows which client it is and checks the architecture against the run's config),
+then ``setup`` with the run's settings, the client's name and index and the client's part of the split
+(file names of its own lists and of the public set). The site resolves those names in its own data root,
+verifies its files (``data.verify``, where the server has not already) and answers with its number of
+files per split, or with an error listing every problem. Nothing about the site's data is read by the
+server. The folder then holds:
+
+``node.json`` (simulation only)
+    the node's declaration, as above.
+``split.json``, ``entry.json``
+    the client's part of the split, and the resolved files: ``name``, ``index``, ``site``, ``arch``, its
+    file lists ``data`` (labeled_train/unlabeled_train/val_list/test_list) and the public set
+    ``public``, as ``[image, mask or null, name]`` items, which every process serving the site reads.
 ``run.json``
     the run's settings, key, device, torch threads and persistence, from the run's setup message.
 ``state/<name>.r<round>.pt``
@@ -47,9 +60,13 @@ from utils.io import atomic_torch_save, atomic_write_text
 from .codec import decode_kw, decode_payload, encode_payload
 
 SITE_DIR_KEY = "site-dir"       # node config key of a deployed site's folder
+#: what a deployed node declares in its node config besides its folder
+NODE_KEYS = {"site": "its site name in the run's data.clients", "arch": "its architecture",
+             "data-root": "the folder holding <dataset>/<site>/ and <dataset>/<public>/"}
 PARTITION_KEY = "partition-id"  # set by the simulation for every node
-ENTRY, RUN, LIVE, STATE = "entry.json", "run.json", "live.pt", "state"
-SETUP = "setup"                 # the run's first message to every node: settings, device, threads, persistence
+NODE, SPLIT, ENTRY, RUN, LIVE, STATE = "node.json", "split.json", "entry.json", "run.json", "live.pt", "state"
+HELLO = "hello"                 # the run's first message to every node: who are you (site, arch)?
+SETUP = "setup"                 # then: settings, device, threads, persistence, the client's name and split
 TRACE = "\n--- traceback ---\n"  # separates an error reply's reason from the site's traceback
 
 
@@ -61,11 +78,10 @@ def items_to_json(items) -> list:
     return [[str(i), str(m) if m is not None else None, n] for i, m, n in items]
 
 
-def write_entry(folder: Path, name: str, index: int, site: str, arch: str, data: dict, public: list) -> None:
-    """A site's ``entry.json`` (what the simulation provisions; a deployed site's operator writes it)."""
-    entry = {"name": name, "index": index, "site": site, "arch": arch,
-             "data": {k: items_to_json(v) for k, v in data.items()}, "public": items_to_json(public)}
-    atomic_write_text(Path(folder) / ENTRY, json.dumps(entry))
+def write_node(folder: Path, site: str, arch: str, data_root) -> None:
+    """A simulated node's declaration (``node.json``): what a deployed node's node config says."""
+    atomic_write_text(Path(folder) / NODE, json.dumps({"site": site, "arch": arch,
+                                                       "data-root": str(Path(data_root).resolve())}))
 
 
 def _as_config(d):
@@ -134,14 +150,54 @@ def site_folder(context: Context, sites_root: Optional[str]) -> Path:
     return Path(sites_root) / f"client{int(nc[PARTITION_KEY])}"
 
 
-def _setup(folder: Path, call) -> dict:
+def node_declaration(context: Context, folder: Path) -> dict:
+    """``{"site", "arch", "data-root"}`` of this node: its node config (a deployment) or ``node.json``."""
+    nc = context.node_config
+    if SITE_DIR_KEY not in nc and (folder / NODE).exists():
+        return json.loads((folder / NODE).read_text())
+    missing = [k for k in NODE_KEYS if not str(nc.get(k, ""))]
+    if missing:
+        raise RuntimeError(
+            f"this node's config lacks {', '.join(repr(k) for k in missing)} ("
+            + "; ".join(f"{k}: {NODE_KEYS[k]}" for k in missing) + "). A deployed site declares who it is, e.g. "
+            f"flower-supernode ... --node-config \"site-dir='/srv/hssf' site='Kvasir' arch='resnet34' data-root='/data'\"")
+    return {k: str(nc[k]) for k in NODE_KEYS}
+
+
+def resolve_files(folder: Path, node: dict, call) -> dict:
+    """The setup message's split part resolved in the node's own data root (and verified): the site's
+    ``entry.json``. Raises :class:`datasets.federation.DataError` listing every problem."""
+    from datasets.federation import load_federation
+
+    cfg = _as_config(json.loads(call["settings"]))
+    site = node["site"]
+    atomic_write_text(folder / SPLIT, call["split"])
+    cfg.data.root, cfg.data.split, cfg.data.synthetic = node["data-root"], str(folder / SPLIT), None
+    if bool(call["verify"]):
+        from datasets.verify import verify_or_raise
+
+        files = verify_or_raise(cfg, progress=False, clients=[site])
+    else:
+        files = load_federation(cfg, clients=[site])
+    data = files.clients[list(cfg.data.clients).index(site)]
+    entry = {"name": call["name"], "index": int(call["index"]), "site": site, "arch": node["arch"],
+             "data": {k: items_to_json(v) for k, v in data.items()}, "public": items_to_json(files.public)}
+    atomic_write_text(folder / ENTRY, json.dumps(entry))
+    return entry
+
+
+def _setup(folder: Path, node: dict, call) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in (ENTRY, RUN, LIVE):  # nothing of an earlier run is used until this one's setup succeeds
+        (folder / f).unlink(missing_ok=True)
+    _SITES.pop(str(folder), None)
+    entry = resolve_files(folder, node, call)
     info = {"run": call["run"], "settings": json.loads(call["settings"]), "device": call["device"],
             "threads": int(call["threads"]), "persist": call["persist"]}
     atomic_write_text(folder / RUN, json.dumps(info))
-    (folder / LIVE).unlink(missing_ok=True)
     site = Site(folder, info)
     _SITES[str(folder)] = site
-    return site.entry
+    return {**site.entry, "files": {k: len(v) for k, v in entry["data"].items()}}
 
 
 def _site(folder: Path, run: str, version: int) -> Site:
@@ -181,9 +237,12 @@ def serve(message: Message, context: Context, sites_root: Optional[str] = None) 
     step = call["step"]
     try:
         folder = site_folder(context, sites_root)
-        if step == SETUP:
-            reply = _setup(folder, call)
-            restored = False
+        restored = False
+        if step == HELLO:
+            node = node_declaration(context, folder)
+            reply = {"site": node["site"], "arch": node["arch"]}
+        elif step == SETUP:
+            reply = _setup(folder, node_declaration(context, folder), call)
         else:
             version = int(call["version"])
             site = _site(folder, call["run"], version)
