@@ -21,9 +21,12 @@ class KeyedSampler(Sampler):
     def __init__(self, n: int, shuffle: bool = False):
         self.n, self.shuffle = n, shuffle
         self.key: Optional[tuple] = None
+        self.pass_shuffle: Optional[bool] = None
 
-    def set_key(self, *key) -> "KeyedSampler":
-        self.key = key
+    def set_key(self, *key, shuffle: Optional[bool] = None) -> "KeyedSampler":
+        """The next pass's key; ``shuffle``: this pass's order (None: the sampler's own setting).
+        A pass reads both when it starts, so passes over one loader may interleave."""
+        self.key, self.pass_shuffle = key, shuffle
         return self
 
     def __len__(self) -> int:
@@ -34,7 +37,7 @@ class KeyedSampler(Sampler):
             raise RuntimeError("KeyedSampler: set_key() must be called before each pass")
         key = self.key
         order = np.arange(self.n)
-        if self.shuffle:
+        if self.shuffle if self.pass_shuffle is None else self.pass_shuffle:
             order = np.random.default_rng(derive_seed(*key, "order")).permutation(self.n)
         for i in order:
             yield int(i), derive_seed(*key, int(i)) & 0xFFFFFFFF

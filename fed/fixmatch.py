@@ -11,8 +11,9 @@ the segmentation FixMatch of UniMatch's repository (``fixmatch.py``), per batch 
   loaders' strong view (``x_w`` + RandAugmentMC(2, 10) + ``data.public_noise`` noise, HSSF's);
 * CutMix (``fixmatch.cutmix``, default on, p 0.5, 2-40% of the image): inside the box the strong view,
   the pseudo-labels and the confidence mask come from the mixing image, another image of the same batch
-  (:func:`utils.strong_views.mix_partner`; its labels from its own weak forward of this step, where the
-  reference makes an extra eval-mode pass on a second unlabeled batch);
+  in a random pairing drawn for every batch (:func:`utils.strong_views.mix_partner`; its labels from its
+  own weak forward of this step, where the reference makes an extra eval-mode pass on a second loader
+  over the same data, in the same order: see :mod:`utils.strong_views`);
 * ``L_u`` = sum over pixels of ``CE(f(x_s), y) * [conf >= 0.95]`` divided by the number of *all* pixels
   (:func:`fed.hetero_local.masked_ce`; no pixel is ignored in our data).
 
@@ -43,7 +44,7 @@ class FixMatch(LSSL):
             with torch.no_grad():
                 pseudo, keep = confident_labels(client.forward(w)["mask"], f.threshold)
             g = generator(client.seed, rnd, client.name, phase, epoch, b, "strong")
-            x_s, box = strong_view(s if randaugment else w, g, photometric_ops=not randaugment, box=f.cutmix)
-            l_u = masked_ce(client.forward(cutmix(x_s, box))["mask"], cutmix(pseudo, box), cutmix(keep, box))
+            x_s, mix = strong_view(s if randaugment else w, g, photometric_ops=not randaugment, box=f.cutmix)
+            l_u = masked_ce(client.forward(cutmix(x_s, mix))["mask"], cutmix(pseudo, mix), cutmix(keep, mix))
             client.step(f.unlabeled_weight * l_u)
             client.log.add(unl_u=l_u, unl_kept=keep.float().mean())

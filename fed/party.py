@@ -112,17 +112,18 @@ class Party:
         return which in self.loaders
 
     def batches(self, which: str, rnd: int, phase: str, epoch: int, stream: Optional[str] = None,
-                noisy: Optional[int] = None) -> Iterator[tuple]:
+                noisy: Optional[int] = None, shuffle: Optional[bool] = None) -> Iterator[tuple]:
         """One keyed pass over loader ``which``: yields ``(b, first, second)`` on the device
         (labeled: image, mask; unlabeled: weak, strong).
 
         The batches are keyed by ``(seed, rnd, stream or self.name, phase, epoch)``; ``noisy``: index
-        (0 or 1) of the tensor that gets ``data.public_noise`` noise, keyed by the same plus ``b``.
+        (0 or 1) of the tensor that gets ``data.public_noise`` noise, keyed by the same plus ``b``;
+        ``shuffle``: the pass's order is a keyed permutation (True) or the loader's (None: ``data.shuffle``).
         Before each batch torch's generators are seeded from ``(seed, rnd, self.name, phase, epoch, b)``.
         """
         loader = self.loaders[which]
         stream = stream or self.name
-        loader.sampler.set_key(self.seed, rnd, stream, phase, epoch)
+        loader.sampler.set_key(self.seed, rnd, stream, phase, epoch, shuffle=shuffle)
         for b, (first, second, _) in enumerate(loader):
             pair = [first, second]
             if noisy is not None and self.noise_std > 0:

@@ -23,8 +23,9 @@ nothing else. Round 0 after no warm-up starts with one broadcast of the server's
 
 Segmentation adaptation. Pseudo-labels are per pixel: the *fix* images of a batch are those with at
 least one pixel of confidence >= ``semifl.tau`` (0.95); their other pixels are ignored. The *mix* partners
-come from a second keyed pass over all the client's unlabeled data, their full hard maps as ``y_b``, as
-many as the batch's fix images. The labeller is the round's fixed global model in eval mode, applied to
+come from a second keyed pass over all the client's unlabeled data in a random order of its own (always
+shuffled, whatever ``data.shuffle``: SemiFL's mix set is random draws from all samples), their full hard
+maps as ``y_b``, as many as the batch's fix images. The labeller is the round's fixed global model in eval mode, applied to
 each batch's weak view as it is drawn rather than to a stored dataset: the views are re-augmented
 geometrically every epoch, so stored masks would not line up; with the model fixed for the round it is
 the same labelling function (fix-set membership is decided per view). Fix and mix images go through
@@ -176,7 +177,7 @@ class SemiFL(LSSL):
     def _epoch(self, client, labeller, rnd: int, e: int) -> None:
         s = self.cfg.semifl
         client.model.train()
-        partners = client.batches("unlabeled", rnd, "mix", e)
+        partners = client.batches("unlabeled", rnd, "mix", e, shuffle=True)  # random draws, whatever data.shuffle
         for b, w, st in client.batches("unlabeled", rnd, "fix", e):
             _, w_m, _ = next(partners)
             with torch.no_grad(), client.amp.autocast():

@@ -7,7 +7,9 @@ UniMatch's (``LiheYoung/UniMatch`` ``unimatch.py``), per batch of weak views ``x
 1. two strong views ``x_s1``, ``x_s2`` built independently from ``x_w`` on tensors, each with its own
    keyed generator (:mod:`utils.strong_views`: colour jitter p 0.8, grayscale p 0.2, blur p 0.5, a
    CutMix box p 0.5 with area 2-40% and aspect ratio in [0.3, 1/0.3]). The loaders' own strong view is
-   not used. The mixing image is another image of the same batch (:func:`utils.strong_views.mix_partner`);
+   not used. The mixing image is another image of the same batch, the same for both views, in a random
+   pairing drawn for every batch (:func:`utils.strong_views.mix_partner`; UniMatch's second loader gives
+   the same image in another view: see :mod:`utils.strong_views`);
 2. a training-mode pass on ``x_w`` with feature perturbation (``party.forward(x, need_fp=True)``:
    Dropout2d(0.5) on every encoder feature), giving the clean prediction, whose detached softmax gives
    the pseudo-labels ``y_w = argmax`` and ``conf_w = max`` (:func:`fed.hetero_local.confident_labels`),
@@ -30,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from utils.rng import generator
-from utils.strong_views import cutmix, strong_view
+from utils.strong_views import cutmix, mix_partner, strong_view
 
 from .hetero_local import confident_labels, masked_ce
 from .lssl import LSSL
@@ -49,8 +51,9 @@ class UniMatch(LSSL):
         client.model.train()
         for b, w, _ in client.batches("unlabeled", rnd, phase, epoch):
             key = (client.seed, rnd, client.name, phase, epoch, b)
-            x_s1, box1 = strong_view(w, generator(*key, "strong1"))
-            x_s2, box2 = strong_view(w, generator(*key, "strong2"))
+            partner = mix_partner(w.shape[0], generator(*key, "partner"))  # one mixing image for both views
+            x_s1, box1 = strong_view(w, generator(*key, "strong1"), partner=partner)
+            x_s2, box2 = strong_view(w, generator(*key, "strong2"), partner=partner)
             p_w, p_fp = client.forward(w, need_fp=True)["mask"]
             pseudo, keep = confident_labels(p_w.detach(), tau)
             p_s1, p_s2 = client.forward(torch.cat([cutmix(x_s1, box1), cutmix(x_s2, box2)]))["mask"].chunk(2)

@@ -82,6 +82,24 @@ def test_keyed_sampler_is_a_function_of_its_key_only():
         list(KeyedSampler(3))
 
 
+def test_a_pass_can_shuffle_an_unshuffled_loader_and_passes_interleave():
+    """``set_key(..., shuffle=True)`` (SemiFL's mix partners): that pass is the keyed permutation a
+    shuffling sampler gives, the next pass is in the loader's order again, and two passes over one
+    sampler, interleaved, each keep the key and order they started with."""
+    key = (0, 3, "client1", "mix", 0)
+    plain = KeyedSampler(20)
+    shuffled = list(plain.set_key(*key, shuffle=True))
+    assert shuffled == list(KeyedSampler(20, shuffle=True).set_key(*key))
+    assert [i for i, _ in shuffled] != list(range(20))
+    assert [i for i, _ in plain.set_key(*key)] == list(range(20))  # the override was for one pass
+    fix = iter(plain.set_key(0, 3, "client1", "fix", 0))
+    first = next(fix)  # a pass reads its key when it starts
+    mix = iter(plain.set_key(*key, shuffle=True))
+    pairs = [(first, next(mix))] + [(f, next(mix)) for f in fix]
+    assert [f for f, _ in pairs] == list(KeyedSampler(20).set_key(0, 3, "client1", "fix", 0))
+    assert [m for _, m in pairs] == shuffled
+
+
 def _square_items(tmp_path, n=3, size=40):
     items = []
     for i in range(n):

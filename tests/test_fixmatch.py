@@ -13,12 +13,12 @@ import torch
 from conftest import assert_same_run, run_tiny
 from fed.hetero_local import confident_labels, masked_ce
 from utils.rng import generator
-from utils.strong_views import cutmix, strong_view
+from utils.strong_views import Mix, cutmix, strong_view
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # threshold 0.5: the tiny model's first rounds are not confident, and the loss must have pixels to train on
-SETTINGS = ("method=fixmatch", "train.rounds=2", "fixmatch.threshold=0.5")
+SETTINGS = ("method=fixmatch", "train.rounds=2", "fixmatch.threshold=0.6")  # some pixels kept, some not
 
 
 def test_masked_ce_counts_every_pixel():
@@ -36,22 +36,41 @@ def test_masked_ce_counts_every_pixel():
 def test_strong_view_mixes_labels_with_the_image():
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     g = lambda: generator(0, "t")
-    view, boxes = strong_view(x, g())
-    view2, boxes2 = strong_view(x, g())
-    assert torch.equal(view, view2) and torch.equal(boxes, boxes2)      # keyed: the same view again
+    view, mix = strong_view(x, g())
+    view2, mix2 = strong_view(x, g())
+    assert torch.equal(view, view2) and torch.equal(mix.boxes, mix2.boxes)  # keyed: the same view again
+    assert torch.equal(mix.partner, mix2.partner)
     plain, _ = strong_view(x, g(), photometric_ops=False)
     assert torch.equal(plain, x)
     _, none = strong_view(x, g(), box=False)
-    assert not none.any()
+    assert not none.boxes.any()
     # every pixel of an image, its label and its confidence come from the same image: itself or its partner
     boxes = torch.zeros(4, 16, 16, dtype=torch.bool)
     boxes[0, 2:5, 3:9] = True
     idx = torch.arange(4.0)[:, None, None].expand(4, 16, 16)         # "label" = the image's index
     img = idx[:, None].expand(4, 3, 16, 16)
-    mixed_img, mixed_lab = cutmix(img, boxes), cutmix(idx, boxes)
+    mix = Mix(boxes, torch.tensor([2, 0, 3, 1]))
+    mixed_img, mixed_lab = cutmix(img, mix), cutmix(idx, mix)
     assert torch.equal(mixed_img[:, 0], mixed_lab)
-    assert (mixed_lab[0][boxes[0]] == 3).all() and (mixed_lab[0][~boxes[0]] == 0).all()  # partner of 0: 3
+    assert (mixed_lab[0][boxes[0]] == 2).all() and (mixed_lab[0][~boxes[0]] == 0).all()  # partner of 0: 2
     assert torch.equal(mixed_lab[1:], idx[1:])
+
+
+def test_mix_partners_are_other_images_paired_afresh_for_every_batch():
+    """Over 3000 keyed batches of 4: no image is its own partner, every one of the 9 derangements of 4
+    is drawn about equally often (chi-square), and the pairings of consecutive batches are independent
+    (the same pairing again about 1/9 of the time, not always, as with a fixed roll)."""
+    from scipy.stats import chisquare
+
+    from utils.strong_views import mix_partner
+
+    draws = [tuple(mix_partner(4, generator(11, "partner", b)).tolist()) for b in range(3000)]
+    assert all(p[i] != i for p in draws for i in range(4))
+    counts = {p: draws.count(p) for p in set(draws)}
+    assert len(counts) == 9 and chisquare(list(counts.values())).pvalue > 1e-3
+    repeats = sum(a == b for a, b in zip(draws, draws[1:])) / (len(draws) - 1)
+    assert abs(repeats - 1 / 9) < 0.03
+    assert mix_partner(1, generator(0)).tolist() == [0]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +88,7 @@ def _check(cfg):
     for name in ("client0", "client1"):
         assert "unl_u" not in recs[0]["loss"][name]
         loss = recs[1]["loss"][name]
-        assert math.isfinite(loss["unl_u"]) and loss["unl_kept"] > 0
+        assert math.isfinite(loss["unl_u"]) and 0 < loss["unl_kept"] < 1  # the mask is exercised
         assert all(r["bytes"][name]["up"] == r["bytes"][name]["down"] == sd for r in recs)
     assert any(recs[1]["loss"][n]["unl_u"] > 0 for n in ("client0", "client1"))
 

@@ -14,15 +14,20 @@ its own ``torch.Generator`` (keyed by the caller: :func:`utils.rng.generator`):
 Images are the loaders' tensors normalised to [-1, 1] (mean/std 0.5); the photometric ops work in
 [0, 1]. Geometry is not touched, so every view stays pixel-aligned with the weak view.
 
-**The mixing image** (UniMatch draws it from a second unlabeled loader) is another image of the same
-batch: image ``i`` takes its box from image ``i - 1`` (:func:`mix_partner`, the batch rolled by one),
-the same view of it (its own strong view, built independently). Its pseudo-label and confidence are
-those of its own weak forward in the same step, so no extra forward pass is needed (UniMatch runs an
-extra eval-mode pass on the mixing batch).
+**The mixing image** is another image of the same batch, in a pairing drawn afresh for every batch
+(:func:`mix_partner`: a keyed random permutation without fixed points), the same view of it (its own
+strong view, built independently). Its pseudo-label and confidence are those of its own weak forward in
+the same step, so no extra forward pass is needed. UniMatch's code draws the mixing batch from a second
+loader over the same data, which its samplers put in the same order, so there every image is mixed
+with another view of *itself*; its author calls that unintended and reports that mixing a batch with a
+shuffled version of itself performs the same (LiheYoung/UniMatch issues #34, #51, #85). A fixed partner
+(the batch rolled by one, as this module did before) would pair the same two images in every epoch
+when the loaders do not shuffle (``data.shuffle: false``, the official default).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -87,27 +92,44 @@ def cutmix_box(height: int, width: int, g: torch.Generator, p: float = P_CUTMIX,
     return box
 
 
-def mix_partner(n: int) -> torch.Tensor:
-    """Index of each image's mixing image: the previous image of the batch (the batch rolled by one)."""
-    return torch.arange(n).roll(1)
+class Mix(NamedTuple):
+    """Where a batch is cut-mixed: ``boxes`` (B,H,W) bool, and ``partner`` (B,) long, the index of each
+    image's mixing image."""
+
+    boxes: torch.Tensor
+    partner: torch.Tensor
 
 
-def cutmix(t: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Inside each image's box, the mixing image's values: images (B,C,H,W), labels or confidences
-    (B,H,W); ``boxes`` (B,H,W) bool."""
-    src = t[mix_partner(t.shape[0]).to(t.device)]
-    b = boxes.to(t.device)
+def mix_partner(n: int, g: torch.Generator) -> torch.Tensor:
+    """Each image's mixing image: a random permutation of ``range(n)`` without fixed points (redrawn
+    from ``g`` until no image is its own partner), so every image mixes with another one; ``n = 1``: itself."""
+    if n < 2:
+        return torch.zeros(n, dtype=torch.long)
+    while True:
+        p = torch.randperm(n, generator=g)
+        if (p != torch.arange(n)).all():
+            return p
+
+
+def cutmix(t: torch.Tensor, mix: Mix) -> torch.Tensor:
+    """Inside each image's box, its mixing image's values: images (B,C,H,W), labels or confidences (B,H,W)."""
+    src = t[mix.partner.to(t.device)]
+    b = mix.boxes.to(t.device)
     return torch.where(b[:, None] if t.dim() == 4 else b, src, t)
 
 
-def strong_view(x: torch.Tensor, g: torch.Generator, photometric_ops: bool = True, box: bool = True):
+def strong_view(x: torch.Tensor, g: torch.Generator, photometric_ops: bool = True, box: bool = True,
+                partner: Optional[torch.Tensor] = None):
     """A strong view of the batch ``x`` (B,3,H,W) in [-1, 1], built image by image from ``g``: the
     photometric chain (``photometric_ops``; else the images as they are) and a CutMix box per image
-    (``box``; else all False). Returns ``(view before mixing, boxes (B,H,W))``; mix with :func:`cutmix`."""
+    (``box``; else all False), then the pairing (:func:`mix_partner`, from ``g`` unless ``partner`` is
+    given). Returns ``(view before mixing, Mix)``; mix with :func:`cutmix`."""
     views, boxes = [], []
     for img in x:
         if photometric_ops:
             img = (photometric((img.float() + 1) / 2, g) * 2 - 1).to(x.dtype)
         views.append(img)
         boxes.append(cutmix_box(*x.shape[-2:], g) if box else torch.zeros(x.shape[-2:], dtype=torch.bool))
-    return torch.stack(views), torch.stack(boxes)
+    if partner is None:
+        partner = mix_partner(x.shape[0], g)
+    return torch.stack(views), Mix(torch.stack(boxes), partner)
