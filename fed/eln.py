@@ -30,14 +30,17 @@ SSL phase, on each client: the EMA teacher (momentum ``eln.ema``, 0.995, updated
 step; parameters and float buffers) starts as the global model of the first SSL round; teacher (and
 the projection heads) are FedAvg'd with the student from then on. With ``eln.reset_student`` (official)
 the student is reset to the teacher at the start of every local epoch. Pseudo-labels: the teacher's
-(eval mode) argmax on the weak view, kept where ``sigmoid(ELN) >= eln.threshold`` (others ignored);
-loss ``CE(x_u) + CE(colour-augmented x_u) + contrastive`` (weights 1), with the colour augmentation
-ColorJitter(0.4, 0.4, 0.4, 0.1) + RandomGrayscale(0.2) per image (:func:`colour_augment`), and the pixel
-contrastive loss (:func:`pixel_contrastive`, ``eln.contrastive``) between the student's and the
-teacher's projections (head 256 -> 256 -> 128 on the decoder feature, the input of the decoder's
-classifier) on ``eln.crops`` random ``eln.crop_size``-square crops of the feature map (stride 4),
-temperature ``eln.temperature``; positives = pixels of the same pseudo-class. The evaluated model is
-the global student each client received.
+(eval mode) argmax on the weak view, kept where ``sigmoid(ELN) > eln.threshold`` (the official
+``round(sigmoid) = 1`` at 0.5; others ignored); loss ``CE(x_u) + CE(x_aug) + contrast(x_u) +
+contrast(x_aug)`` (weights 1, as the official ``train.py``), with the colour-augmented view ``x_aug``:
+ColorJitter(0.4, 0.4, 0.4, 0.1) + RandomGrayscale(0.2) per image (:func:`colour_augment`). The pixel
+contrastive loss (:func:`pixel_contrastive`, ``eln.contrastive``; the official ``utils/losses.py``):
+the teacher's projections of ``x_u`` (head 256 -> 256 -> 128 on the decoder feature, the input of the
+decoder's classifier; no gradient) are the anchors, the student's projections of the view the
+positives and negatives; on ``eln.crops`` random ``eln.crop_size``-square crops of the feature map
+(stride 4), each at one location for the whole batch (:func:`crop_boxes`), temperature
+``eln.temperature``; positives = kept pixels of the same pseudo-class, negatives = kept pixels of the
+others. The evaluated model is the global student each client received.
 """
 from __future__ import annotations
 
@@ -88,8 +91,9 @@ def aux_gate(aux_losses: Sequence[float], main_loss: float, factors: Sequence[fl
 
 
 def eln_pseudo_label(teacher_logits: torch.Tensor, eln_logit: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Teacher argmax where ``sigmoid(ELN) >= threshold``, ``IGNORE`` elsewhere: (B,H,W)."""
-    keep = torch.sigmoid(eln_logit.float()[:, 0]) >= threshold
+    """Teacher argmax where ``sigmoid(ELN) > threshold`` (at 0.5 the official ``round(sigmoid(ELN)) == 1``:
+    torch rounds 0.5 to 0), ``IGNORE`` elsewhere: (B,H,W)."""
+    keep = torch.sigmoid(eln_logit.float()[:, 0]) > threshold
     pred = teacher_logits.argmax(1)
     return torch.where(keep, pred, torch.full_like(pred, IGNORE))
 
@@ -106,26 +110,36 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
             t.copy_(s)
 
 
-def pixel_contrastive(z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Supervised pixel contrast between student ``z_s`` (N,D) and teacher ``z_t`` (N,D) embeddings
-    (L2-normalised here) with pseudo-labels ``labels`` (N,) (``IGNORE`` pixels left out): for anchor
-    ``i``, ``-mean_{j: y_j = y_i} log softmax_j(z_s_i . z_t_j / T)``; mean over anchors (0 if none)."""
+def pixel_contrastive(anchor: torch.Tensor, other: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ELN's pixel contrast on one crop: ``anchor`` (N,D) embeddings (the teacher's), ``other`` (N,D) those
+    the loss moves (the student's), ``labels`` (N,) pseudo-classes (``IGNORE`` pixels left out); both
+    L2-normalised. With ``s_ij = exp(anchor_i . other_j / T)``, for each class ``c`` present (``n_c``
+    pixels): ``P_c = sum s_ij`` over anchors and candidates of class ``c``, ``Q_c = sum s_ij`` over anchors
+    of ``c`` and candidates of other classes (each sum at least 1e-8); the loss is the mean over classes
+    of ``-log(P_c / (P_c + Q_c)) / n_c`` (0 if no pixel is kept)."""
     valid = labels != IGNORE
     if not bool(valid.any()):
-        return z_s.sum() * 0.0
-    z_s, z_t, y = F.normalize(z_s[valid].float(), dim=1), F.normalize(z_t[valid].float(), dim=1), labels[valid]
-    log_prob = F.log_softmax(z_s @ z_t.t() / temperature, dim=1)
-    pos = (y[:, None] == y[None, :]).float()
-    return (-(log_prob * pos).sum(1) / pos.sum(1)).mean()
+        return other.sum() * 0.0
+    a = F.normalize(anchor[valid].float(), dim=1, eps=1e-8)
+    o = F.normalize(other[valid].float(), dim=1, eps=1e-8)
+    y = labels[valid]
+    sim = torch.exp(a @ o.t() / temperature)
+    losses = []
+    for c in torch.unique(y):
+        mine = y == c
+        rows = sim[mine]
+        pos, neg = rows[:, mine].sum().clamp(min=1e-8), rows[:, ~mine].sum().clamp(min=1e-8)
+        losses.append(-torch.log(pos / (pos + neg)) / mine.sum())
+    return torch.stack(losses).mean()
 
 
-def crop_boxes(n: int, batch: int, h: int, w: int, size: int, gen: torch.Generator) -> List[tuple]:
-    """``n`` random crops ``(image, top, left, size)`` of at most ``size`` px square of a (batch, h, w) map."""
+def crop_boxes(n: int, h: int, w: int, size: int, gen: torch.Generator) -> List[tuple]:
+    """``n`` random crops ``(top, left, side)`` of at most ``size`` px square of an (h, w) map, each at one
+    location for every image of the batch (as the official RandomCrop4 crops the batch)."""
     s = min(size, h, w)
-    b = torch.randint(batch, (n,), generator=gen).tolist()
     top = torch.randint(h - s + 1, (n,), generator=gen).tolist()
     left = torch.randint(w - s + 1, (n,), generator=gen).tolist()
-    return [(b[i], top[i], left[i], s) for i in range(n)]
+    return [(top[i], left[i], s) for i in range(n)]
 
 
 def colour_augment(x: torch.Tensor) -> torch.Tensor:
@@ -361,15 +375,16 @@ class ELN(LSSL):
                 pseudo = eln_pseudo_label(t_logits, eln(w, t_logits), c.threshold)
             aug = colour_augment(w)
             if c.contrastive:
-                out_w, s_feat = forward_with_feature(client.forward, client.model, w)
+                (out_w, s_feat), (out_a, a_feat) = (forward_with_feature(client.forward, client.model, v) for v in (w, aug))
             else:
-                out_w = client.forward(w)
-            out_a = client.forward(aug)
+                out_w, out_a = client.forward(w), client.forward(aug)
             ce_u = masked_ce(out_w["mask"], pseudo)
             ce_aug = masked_ce(out_a["mask"], pseudo)
             terms = {"eln_ce_u": ce_u, "eln_ce_aug": ce_aug}
             if c.contrastive:
-                terms["eln_contrast"] = self._contrast(client, s_feat, t_feat, pseudo, rnd, e, b)
+                gen = lambda: generator(self.cfg.seed, rnd, client.name, "crops", e, b)  # noqa: E731 - the same crops for both views
+                terms["eln_contrast"] = self._contrast(client, s_feat, t_feat, pseudo, gen())
+                terms["eln_contrast_aug"] = self._contrast(client, a_feat, t_feat, pseudo, gen())
             loss = sum(terms.values())
             self._step(client, loss)
             ema_update(teacher, client.model, c.ema)
@@ -377,7 +392,9 @@ class ELN(LSSL):
                 ema_update(x["proj_t"], x["proj"], c.ema)
             client.log.add(**terms, eln_kept=(pseudo != IGNORE).float().mean())
 
-    def _contrast(self, client, s_feat, t_feat, pseudo, rnd: int, e: int, b: int) -> torch.Tensor:
+    def _contrast(self, client, s_feat, t_feat, pseudo, gen: torch.Generator) -> torch.Tensor:
+        """:func:`pixel_contrastive` of the student's projections (of ``s_feat``) against the teacher's
+        anchors (of ``t_feat``) on ``eln.crops`` crops of the whole batch, averaged."""
         c = self.cfg.eln
         x = client.extra
         z_s = x["proj"](s_feat.float())
@@ -385,13 +402,10 @@ class ELN(LSSL):
             z_t = x["proj_t"](t_feat.float())
         h, w = z_s.shape[-2:]
         labels = F.interpolate(pseudo[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
-        gen = generator(self.cfg.seed, rnd, client.name, "crops", e, b)
-        losses = []
-        for i, top, left, s in crop_boxes(c.crops, z_s.shape[0], h, w, c.crop_size, gen):
-            sl = (i, slice(None), slice(top, top + s), slice(left, left + s))
-            flat = lambda z: z[sl].flatten(1).t()  # (s*s, D)
-            losses.append(pixel_contrastive(flat(z_s), flat(z_t), labels[i, top:top + s, left:left + s].flatten(),
-                                            c.temperature))
+        flat = lambda z, t, l, s: z[:, :, t:t + s, l:l + s].permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # noqa: E731
+        losses = [pixel_contrastive(flat(z_t, t, l, s), flat(z_s, t, l, s), labels[:, t:t + s, l:l + s].reshape(-1),
+                                    c.temperature)
+                  for t, l, s in crop_boxes(c.crops, h, w, c.crop_size, gen)]
         return torch.stack(losses).mean()
 
     @staticmethod

@@ -40,8 +40,9 @@ def pseudo_label(p_w: torch.Tensor, p_s: torch.Tensor, conf_w: torch.Tensor, con
 
 
 def supervised_pass(party, which: str, rnd: int, phase: str, epoch: int, h, tag: str = "sup",
-                    regularizer=None, forward_kw: Optional[dict] = None) -> None:
-    """One keyed pass of ``seg + confide_theta * SA`` over the labeled loader ``which``.
+                    regularizer=None, forward_kw: Optional[dict] = None, clip: float = 0.0) -> None:
+    """One keyed pass of ``seg + confide_theta * SA`` over the labeled loader ``which`` (``clip``: see
+    :meth:`fed.party.Party.step`).
 
     ``regularizer(party, out, labels, valid)`` (a method's own term, e.g. a baseline's): returns
     ``(loss, {name: value})`` added to the batch's loss, or None; ``labels`` (B,H,W), ``valid`` (B,H,W)
@@ -59,7 +60,7 @@ def supervised_pass(party, which: str, rnd: int, phase: str, epoch: int, h, tag:
             if extra is not None:
                 loss = loss + extra[0]
                 terms.update({f"{tag}_{k}": v for k, v in extra[1].items()})
-        party.step(loss)
+        party.step(loss, clip)
         party.log.add(**terms)
 
 

@@ -98,9 +98,13 @@ class Party:
         f = lambda t: t.float()  # losses in fp32
         return {k: tuple(map(f, v)) if isinstance(v, tuple) else f(v) for k, v in out.items()}
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, clip: float = 0.0) -> None:
+        """One optimizer step on ``loss``; ``clip > 0``: the gradient's norm clipped to it first."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 

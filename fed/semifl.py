@@ -13,7 +13,8 @@ unlabeled data with pseudo-labels of the global model. One round (after the warm
    (0.5) (:func:`server_momentum_step`; the momentum buffer lives in the server's ``extra``); BatchNorm
    buffers take the plain average (the official update only steps the parameters);
 3. the server fine-tunes the result on D_p for ``semifl.server_epochs`` passes (the harness supervised
-   loss, :func:`fed.local_ssl.supervised_pass`), then, with ``semifl.sbn``, recomputes the BatchNorm
+   loss, :func:`fed.local_ssl.supervised_pass`, gradients clipped at ``semifl.clip`` as the official
+   ``Server.train``), then, with ``semifl.sbn``, recomputes the BatchNorm
    statistics with one cumulative pass over D_p (official ``sbn=1`` uses server + client data; in FL only
    D_p is at the server), and broadcasts the next global model. Clients keep it (evaluated, and the
    start of their next round), so it crosses once per round.
@@ -151,7 +152,7 @@ class SemiFL(LSSL):
 
     def finetune(self, server, msg, rnd: int) -> None:
         for e in range(self.cfg.semifl.server_epochs):
-            supervised_pass(server, "public", rnd, "finetune", e, self.cfg.hssf)
+            supervised_pass(server, "public", rnd, "finetune", e, self.cfg.hssf, clip=self.cfg.semifl.clip)  # Server.train clips too
         server.scheduler.step()
 
     def broadcast(self, server, msg, rnd: int, sbn: bool) -> dict:
@@ -192,18 +193,8 @@ class SemiFL(LSSL):
             out_fix, out_mix = client.forward(torch.cat([st[keep], x_mix]))["mask"].split([n, n])  # one pass: BN sees 2n >= 2
             fix, mix = semifl_loss(out_fix, y_fix[keep], out_mix, y_fix[keep], y_b[:n], lam)
             loss = fix + mix
-            self._clipped_step(client, loss, s.clip)
+            client.step(loss, s.clip)
             client.log.add(semifl_fix=fix, semifl_mix=mix, semifl_kept=n / w.shape[0])
-
-    @staticmethod
-    def _clipped_step(party, loss: torch.Tensor, max_norm: float) -> None:
-        party.optimizer.zero_grad(set_to_none=True)
-        party.scaler.scale(loss).backward()
-        if max_norm > 0:
-            party.scaler.unscale_(party.optimizer)
-            torch.nn.utils.clip_grad_norm_(party.model.parameters(), max_norm)
-        party.scaler.step(party.optimizer)
-        party.scaler.update()
 
     def setup(self, party) -> None:
         if party.name != "server":

@@ -58,7 +58,9 @@ def test_ema_update_by_hand():
 def test_pseudo_labels_kept_where_eln_says_right():
     teacher = T([[[[0.0, 2.0, 0.0]], [[1.0, 0.0, 1.0]]]])  # argmax [1, 0, 1]
     eln = T([[[[0.0, -0.1, 3.0]]]])  # sigmoid [0.5, 0.475, 0.95]
-    assert eln_pseudo_label(teacher, eln, 0.5).tolist() == [[[1, IGNORE, 1]]]
+    # kept where round(sigmoid) = 1, as the official code: 0.5 rounds to 0 (torch rounds half to even)
+    assert torch.round(torch.sigmoid(eln)).tolist() == [[[[0.0, 0.0, 1.0]]]]
+    assert eln_pseudo_label(teacher, eln, 0.5).tolist() == [[[IGNORE, IGNORE, 1]]]
 
 
 def test_eln_input_channels():
@@ -73,15 +75,41 @@ def test_eln_input_channels():
 
 
 def test_pixel_contrastive_by_hand():
+    """The official form: per class c, -log(P_c / (P_c + Q_c)) / n_c, P_c and Q_c sums of exp(a_i . o_j / T)
+    over anchors of c and candidates of c (P) or of other classes (Q); mean over the classes present."""
+    e2 = math.e ** 2  # T = 0.5: exp(1 / 0.5) for aligned unit vectors, exp(0) = 1 for orthogonal ones
     z = T([[1.0, 0.0], [0.0, 1.0]])
-    # T = 0.5: logits [[2, 0], [0, 2]]; different classes: each anchor's only positive is itself:
-    # -log(e^2 / (e^2 + 1)) = log(1 + e^-2) = 0.126928
-    assert pixel_contrastive(z, z, T([0, 1]), 0.5).item() == pytest.approx(math.log1p(math.exp(-2)))
-    # one class: both are positives: -((2 - L) + (0 - L)) / 2 = L - 1, L = ln(e^2 + 1)
-    assert pixel_contrastive(z, z, T([0, 0]), 0.5).item() == pytest.approx(math.log1p(math.e ** 2) - 1)
-    # an ignored pixel leaves the anchor set and the candidates: one pixel, loss 0
-    assert pixel_contrastive(z, z, T([0, IGNORE]), 0.5).item() == pytest.approx(0.0)
+    # classes 0 and 1, one pixel each: class 0: P = e^2, Q = 1 -> log(1 + e^-2); class 1 the same
+    assert pixel_contrastive(z, z, T([0, 1]), 0.5).item() == pytest.approx(math.log1p(1 / e2))
+    # the anchors are the first argument: anchors [[1, 0], [1, 0]] against candidates z:
+    # class 0: P = s_00 = e^2, Q = s_01 = 1 -> log(1 + e^-2); class 1: P = s_11 = 1, Q = s_10 = e^2 -> log(1 + e^2)
+    a = T([[1.0, 0.0], [1.0, 0.0]])
+    assert pixel_contrastive(a, z, T([0, 1]), 0.5).item() == pytest.approx((math.log1p(1 / e2) + math.log1p(e2)) / 2)
+    # swapped: anchors z against candidates a: class 0: P = Q = e^2; class 1: P = Q = 1 -> log 2 each
+    assert pixel_contrastive(z, a, T([0, 1]), 0.5).item() == pytest.approx(math.log(2))
+    # n_c divides: pixels [1,0], [1,0], [0,1] of classes 0, 0, 1: class 0: P = 4 e^2, Q = 2, n = 2;
+    # class 1: P = e^2, Q = 2, n = 1
+    z3 = T([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    want = (math.log1p(2 / (4 * e2)) / 2 + math.log1p(2 / e2)) / 2
+    assert pixel_contrastive(z3, z3, T([0, 0, 1]), 0.5).item() == pytest.approx(want)
+    # vectors are normalised first: a scaled anchor changes nothing
+    assert pixel_contrastive(3 * z3, z3, T([0, 0, 1]), 0.5).item() == pytest.approx(want)
+    # one class only: no negatives, Q = 1e-8 -> about 0; an ignored pixel leaves both sets
+    assert pixel_contrastive(z, z, T([0, 0]), 0.5).item() == pytest.approx(0.0, abs=1e-7)
+    assert pixel_contrastive(z3, z3, T([0, IGNORE, 1]), 0.5).item() == pytest.approx(math.log1p(1 / e2))
     assert pixel_contrastive(z, z, T([IGNORE, IGNORE]), 0.5).item() == 0.0
+
+
+def test_crops_take_one_location_of_the_whole_batch():
+    from fed.eln import crop_boxes
+    from utils.rng import generator
+
+    boxes = crop_boxes(200, 24, 20, 8, generator(1, "crops"))
+    assert all(len(b) == 3 and b[2] == 8 and 0 <= b[0] <= 16 and 0 <= b[1] <= 12 for b in boxes)
+    assert {b[0] for b in boxes} == set(range(17)) and {b[1] for b in boxes} == set(range(13))  # every offset
+    assert crop_boxes(3, 5, 5, 32, generator(1)) == [(0, 0, 5)] * 3  # capped at the map: the whole map
+    assert {b[0] for b in crop_boxes(50, 6, 5, 32, generator(1))} == {0, 1} and all(b[2] == 5 for b in crop_boxes(5, 6, 5, 32, generator(1)))
+    assert crop_boxes(8, 24, 20, 8, generator(1, "crops")) == crop_boxes(8, 24, 20, 8, generator(1, "crops"))
 
 
 def _bytes(module):
@@ -111,7 +139,7 @@ def test_tiny_rounds_server_mapping(ref):
     for r in (2, 3):
         for n in ("client0", "client1"):
             loss = recs[r]["loss"][n]
-            assert {"eln_ce_u", "eln_ce_aug", "eln_contrast", "sup_seg"} <= set(loss)
+            assert {"eln_ce_u", "eln_ce_aug", "eln_contrast", "eln_contrast_aug", "sup_seg"} <= set(loss)
             assert all(math.isfinite(v) for v in loss.values())
     for n in ("client0", "client1"):
         assert recs[0]["bytes"][n] == recs[1]["bytes"][n] == {"up": seg, "down": seg}

@@ -155,3 +155,23 @@ def test_server_aggregate_steps_parameters_and_averages_buffers():
     SemiFL(cfg).aggregate(server, [client(0.5, 0.1, 0.0), client(0.5, 0.1, 0.0)])
     assert model.weight.item() == pytest.approx(0.3) and model.bias.item() == pytest.approx(0.15)
     assert server.extra["momentum"]["weight"].item() == pytest.approx(0.4)
+
+
+def test_a_clipped_step_clips_the_gradient_norm(tmp_path):
+    """``Party.step(loss, clip)`` (SemiFL's clients and the server's fine-tuning): the gradient that the
+    optimizer sees has norm ``clip`` when it was larger, and is untouched when it was smaller."""
+    from conftest import tiny_overrides
+    from fed import load_config
+    from fed.party import Party
+    from utils.device import Amp
+
+    cfg = load_config(None, tiny_overrides(tmp_path, "clip"))
+    amp = Amp.for_device(torch.device("cpu"), False, False)
+    party = Party("client0", "linear", torch.nn.Linear(3, 1, bias=False), cfg, amp, {})
+    x = torch.tensor([[3.0, 4.0, 0.0]])
+    party.step((party.model(x) * 10).sum(), clip=1.0)  # gradient (30, 40, 0): norm 50 -> clipped to 1
+    assert party.model.weight.grad[0].tolist() == pytest.approx([0.6, 0.8, 0.0])
+    party.step((party.model(x) * 0.01).sum(), clip=1.0)  # norm 0.05 < 1: as it is
+    assert party.model.weight.grad[0].tolist() == pytest.approx([0.03, 0.04, 0.0])
+    party.step((party.model(x) * 10).sum())  # no clip
+    assert party.model.weight.grad[0].tolist() == pytest.approx([30.0, 40.0, 0.0])

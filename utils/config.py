@@ -214,7 +214,7 @@ SCHEMA: Dict[str, Any] = {
                                                                        not isinstance(x, bool) and x >= 0
                                                                        for x in v)
                            else "must be two numbers >= 0 (one per auxiliary decoder)"),
-        "threshold": Key(0.5, float, "ELN: pseudo-labels kept where sigmoid(ELN) >= this.", check=_unit),
+        "threshold": Key(0.5, float, "ELN: pseudo-labels kept where sigmoid(ELN) > this (0.5: the official round(sigmoid) = 1).", check=_unit),
         "ema": Key(0.995, float, "ELN: EMA teacher momentum.", check=_unit),
         "reset_student": Key(True, bool, "ELN: reset the student to the teacher at the start of every local "
                              "epoch of the SSL phase (official); false: keep the received student."),
@@ -230,7 +230,7 @@ SCHEMA: Dict[str, Any] = {
                              check=_nonneg),
         "tau": Key(0.95, float, "SemiFL: pixel confidence threshold of the fix set (`fix@0.95`).", check=_unit),
         "mix_alpha": Key(0.75, float, "SemiFL: mixup `lam ~ Beta(alpha, alpha)`, one draw per batch.", check=_pos),
-        "clip": Key(1.0, float, "SemiFL: client gradient-norm clipping (0: none).", check=_nonneg),
+        "clip": Key(1.0, float, "SemiFL: gradient-norm clipping of the clients' training and the server's fine-tuning (0: none).", check=_nonneg),
         "server_lr": Key(1.0, float, "SemiFL: lr of the server SGD step that applies the client average.",
                          check=_pos),
         "server_momentum": Key(0.5, float, "SemiFL: momentum of that step (official `gm`).", check=_unit),
