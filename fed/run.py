@@ -24,6 +24,7 @@ from tqdm import tqdm
 from datasets.federation import load_federation
 from datasets.splits import CLIENT_SPLITS
 from utils.checkpoint import client_ckpt_name, global_ckpt_name, safe_load
+from utils.device import environment
 from utils.io import atomic_torch_save, atomic_write_text
 from utils.logger import RunLogger
 from utils.metrics import NAMES, ScoreBook
@@ -190,6 +191,7 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, runner: Runner, data
             f"{runner.sites[n]}: {'/'.join(str(runner.file_counts[n].get(k, 0)) for k in CLIENT_SPLITS)}"
             for n in runner.names) + " (labeled/unlabeled/val/test)")
     logger.info(f"exchange ({cfg.method}): up: {runner.method.sends['up']}; down: {runner.method.sends['down']}")
+    logger.info("environment: " + ", ".join(f"{k} {v}" for k, v in environment(runner.device).items()))
     R = cfg.train.rounds
     if start >= R and (run / "results.json").exists():
         logger.info(f"{run} has completed all {R} rounds; nothing to resume (raise train.rounds to go on)")
@@ -240,7 +242,7 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, runner: Runner, data
                "wall_time_s": round(time.time() - t0, 1),  # this invocation (a resumed run: since the resume)
                "rounds_time_s": round(_rounds_time(logger.metrics_path), 1),  # all rounds, across resumes
                "final_test_s": round(time.perf_counter() - tt, 1),
-               "best": best, "test": final["summary"]}
+               "best": best, "test": final["summary"], "environment": environment(runner.device)}
     atomic_write_text(run / "results.json", json.dumps(results, indent=2))
     from .report import format_table
 

@@ -51,6 +51,10 @@ def test_hssf_run_outputs(hssf_run):
         assert "classifier.confidence_4.3.weight" in sd and "backbone.stem.0.0.weight" in sd
     results = json.loads((run / "results.json").read_text())
     assert results["test"]["all"]["images"] == 6 and set(results["test"]) == {"client0", "client1", "all"}
+    env = results["environment"]  # what the numbers depend on beyond config and seed (another CPU rounds otherwise)
+    assert env["torch"] == torch.__version__ and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["device"] == "cpu" and env["threads"] == torch.get_num_threads() and env["cpu"]
+    assert f"environment: python {env['python']}, torch {torch.__version__}" in (run / "train.log").read_text()
     assert (run / "test" / "summary.json").exists() and (run / "test" / "per_image.csv").exists()
     assert list((run / "test" / "overlays").glob("*.png"))
     assert (run / "train.log").read_text().count("round ") >= 2

@@ -23,6 +23,29 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def environment(device: torch.device) -> dict:
+    """What a run's numbers depend on besides its config and seed: library versions, the CPU and the
+    kernels torch picks for it, threads, the GPU. CPU runs repeat bit for bit on one machine; another
+    CPU (another instruction set, hence other kernels) or thread count rounds differently."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
 @dataclass
 class Amp:
     """Autocast settings for one device: bf16 where supported, else fp16 with a GradScaler."""
