@@ -5,9 +5,10 @@ and the method's protocol stay in this process.
 run starts ``flwr.simulation.run_simulation`` on a thread with a ServerApp whose ``main`` hands its
 ``Grid`` to this runner and waits until the runner closes; the runner then carries every client step
 as a Flower Message through that Grid (:meth:`FlowerRunner._calls`: push, then pull the replies as
-they arrive). A node is a site (:mod:`fed.flower.site`): its first message (``setup``) carries the
-run's settings and the node answers with who it is (name, site, architecture), so the runner learns
-which node is which client from the nodes themselves, as it would in a deployment.
+they arrive). A node is a site (:mod:`fed.flower.site`): its first message (``hello``) asks who it is
+(site, architecture), so the runner learns which node is which client from the nodes themselves, as it
+would in a deployment; the second (``setup``) carries the run's settings and the client's part of the
+split, which the site resolves in its own data root.
 
 ``train.client_workers`` sets the number of Ray actors (processes that serve the nodes' messages; 0
 or 1: one), ``train.worker_threads`` their torch threads (0: this process's threads divided by the
@@ -151,9 +152,9 @@ class FlowerRunner(Runner):
                 f"sites' disks in {self.sites_root}")
 
     def _open_grid(self):
-        """The simulation: write each simulated site's entry on its disk, start the nodes, return the
-        ServerApp's Grid. (A deployment would connect to its SuperLink's Grid instead: the sites'
-        entries are then the sites' own.)"""
+        """The simulation: write each simulated node's declaration (``node.json``: site, arch, data root)
+        on its disk, start the nodes, return the ServerApp's Grid. (A deployment connects to its
+        SuperLink's Grid instead: the nodes then declare themselves in their node configs.)"""
         self.sites_root = Path(self.cfg.output.dir) / SITES_DIR
         for name in self.names:  # what a deployed node's node config declares
             write_node(self.sites_root / name, self.sites[name], self.archs[name], self.cfg.data.root)
