@@ -61,13 +61,18 @@ def ensure_synthetic(cfg, progress: bool = False) -> None:
                              f"and data.clients to what it holds"], header="data problem") from None
 
 
+def client_sites(cfg, clients: Optional[Sequence[str]] = None) -> List[str]:
+    """The client sites of ``data.clients`` that a party reads, in their order (``None``: all)."""
+    return list(cfg.data.clients) if clients is None else [c for c in cfg.data.clients if c in set(clients)]
+
+
 def load_federation(cfg, progress: bool = False, clients: Optional[Sequence[str]] = None) -> FederationFiles:
     """The federation's file lists. ``clients``: the client sites to read (default: every one of
     ``data.clients``); the others' lists are ``None``. A party that does not hold every site (the server
     of a deployment reads only the public set; a site only its own folder and the public set) needs the
     run's split file: it is generated only where every site is read."""
     d = cfg.data
-    reading = list(d.clients) if clients is None else [c for c in d.clients if c in set(clients)]
+    reading = client_sites(cfg, clients)
     unknown = sorted(set(clients or ()) - set(d.clients))
     if unknown:
         raise DataError([f"{', '.join(map(repr, unknown))}: not a client site of data.clients "

@@ -326,7 +326,7 @@ def verify(cfg, progress: bool = True, workers: Optional[int] = None,
     :func:`~datasets.federation.load_federation`: a party that reads fewer needs the run's split file)."""
     from tqdm import tqdm
 
-    from .federation import DataError, load_federation, split_path_for
+    from .federation import DataError, client_sites, load_federation, split_path_for
 
     t0 = time.perf_counter()
     d = cfg.data
@@ -334,7 +334,7 @@ def verify(cfg, progress: bool = True, workers: Optional[int] = None,
     fed: Optional[FederationFiles] = None
     path: Optional[Path] = split_path_for(cfg)
     existed = path.exists()
-    reading = list(d.clients) if clients is None else [c for c in d.clients if c in set(clients)]
+    reading = client_sites(cfg, clients)
     try:
         fed = load_federation(cfg, progress=progress, clients=clients)
         path = fed.split_path
