@@ -55,7 +55,8 @@ def build_loader(dataset: SegDataset, data_cfg, device: torch.device) -> DataLoa
     """Training datasets get a :class:`KeyedSampler` (drop_last); eval datasets a plain ordered pass."""
     train = dataset.mode != "eval"
     drop_last = train or (data_cfg.eval_drop_last and len(dataset) >= data_cfg.batch_size)
-    sampler = KeyedSampler(len(dataset), shuffle=data_cfg.shuffle) if train else None
+    sampler = KeyedSampler(len(dataset), shuffle=data_cfg.shuffle,
+                           augment_seeding=data_cfg.augment_seeding) if train else None
     return DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler, shuffle=False,
                       drop_last=drop_last, num_workers=data_cfg.num_workers, collate_fn=collate_names,
                       pin_memory=device.type == "cuda")
