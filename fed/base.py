@@ -75,7 +75,9 @@ class Method:
     """Base class: subclasses implement :meth:`run_round` and the steps it names."""
 
     name = "base"
-    #: True when all clients share one global model (FedAvg): evaluation and checkpoints use it.
+    #: True when all clients share one global model (FedAvg): evaluation and checkpoints use it, as it
+    #: stands at the end of the round (the aggregate of the round's local training: each round scores
+    #: what it trained).
     shared_model = False
     #: False when the method ignores ``train.warmup_rounds`` (no round is logged as warm-up).
     uses_warmup = True

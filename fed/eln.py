@@ -2,17 +2,21 @@
 
 Phases mapped to rounds: ``train.warmup_rounds`` supervised rounds, then ``eln.eln_rounds`` rounds in
 which the ELN and two auxiliary decoders are trained on D_p, then the semi-supervised (SSL) phase.
-Every round: the clients send their weights, the server averages them uniformly
-(:func:`fed.lssl.fedavg`) and sends the average back; the clients then train locally (H1 protocol, as
-lssl: a supervised pass on D_p with the harness loss, :func:`fed.local_ssl.supervised_pass`, in every
-phase; SSL terms on their unlabeled data in the SSL phase).
+Every round: the clients train locally from the global model they hold (H1 protocol, as lssl: a
+supervised pass on D_p with the harness loss, :func:`fed.local_ssl.supervised_pass`, in every phase; SSL
+terms on their unlabeled data in the SSL phase), then send their weights, the server averages them
+uniformly (:func:`fed.lssl.fedavg`) and sends the average back, and the clients load it (round 0 starts
+with one such exchange of the initial weights). The average after the round's local training is the
+model evaluated and checkpointed for the round.
 
 ``eln.mapping: server`` (default, BASELINES' recommendation): the server trains the ELN and the aux
-decoders on D_p with the global model (:meth:`ELN.train_eln`), once per ELN round after aggregation,
-and sends the ELN (frozen from then on) to each client that does not have it yet (a client says so in
-its weight reply: ``need_eln``; normally once, in the first SSL round). ``eln.mapping: clients``: every
-client trains its own ELN and aux decoders on D_p after its supervised pass, and they are averaged with
-the model (ELN weights also in the first SSL round, so that all clients use the averaged ELN).
+decoders on D_p with the global model (:meth:`ELN.train_eln`), once per ELN round, after that round's
+aggregation, and sends the ELN (frozen from then on) with the average to each client that does not have
+it yet and trains in the SSL phase next (a client says so in its weight reply: ``need_eln``; normally
+once, at the end of the last ELN round; a client that sat that round out asks again and skips its
+unlabeled passes until it has the ELN). ``eln.mapping: clients``: every client trains its own ELN and
+aux decoders on D_p after its supervised pass, and they are averaged with the model at the end of every
+ELN round (the aux decoders not after the last one), so that all clients use the averaged ELN.
 
 The ELN network (:class:`ELNet`) takes ``[image, entropy of softmax(p), logits p]`` (3 + 1 + 2 channels)
 through an **input adapter** (a 1x1 convolution to 3 channels) into the registry architecture
@@ -27,20 +31,21 @@ main and both aux predictions (all without gradient). The main model is in eval 
 for the ELN; the ELN and aux decoders train in fp32 with their own AdamW (``train.lr``, ``train.weight_decay``).
 
 SSL phase, on each client: the EMA teacher (momentum ``eln.ema``, 0.995, updated after each unlabeled
-step; parameters and float buffers) starts as the global model of the first SSL round; teacher (and
-the projection heads) are FedAvg'd with the student from then on. With ``eln.reset_student`` (official)
-the student is reset to the teacher at the start of every local epoch. Pseudo-labels: the teacher's
-(eval mode) argmax on the weak view, kept where ``sigmoid(ELN) > eln.threshold`` (the official
-``round(sigmoid) = 1`` at 0.5; others ignored); loss ``CE(x_u) + CE(x_aug) + contrast(x_u) +
-contrast(x_aug)`` (weights 1, as the official ``train.py``), with the colour-augmented view ``x_aug``:
-ColorJitter(0.4, 0.4, 0.4, 0.1) + RandomGrayscale(0.2) per image (:func:`colour_augment`). The pixel
+step; parameters and float buffers) starts as the global model the first SSL round starts from; teacher
+(and the projection heads) are FedAvg'd with the student at the end of every SSL round. With
+``eln.reset_student`` (official) the student is reset to the teacher at the start of every local
+epoch. Pseudo-labels: the teacher's (eval mode) argmax on the weak view, kept where ``sigmoid(ELN) >
+eln.threshold`` (the official ``round(sigmoid) = 1`` at 0.5; others ignored); loss ``CE(x_u) +
+CE(x_aug) + contrast(x_u) + contrast(x_aug)`` (weights 1, as the official ``train.py``), with the
+colour-augmented view ``x_aug``: ColorJitter(0.4, 0.4, 0.4, 0.1) + RandomGrayscale(0.2) per image
+(:func:`colour_augment`). The pixel
 contrastive loss (:func:`pixel_contrastive`, ``eln.contrastive``; the official ``utils/losses.py``):
 the teacher's projections of ``x_u`` (head 256 -> 256 -> 128 on the decoder feature, the input of the
 decoder's classifier; no gradient) are the anchors, the student's projections of the view the
 positives and negatives; on ``eln.crops`` random ``eln.crop_size``-square crops of the feature map
 (stride 4), each at one location for the whole batch (:func:`crop_boxes`), temperature
 ``eln.temperature``; positives = kept pixels of the same pseudo-class, negatives = kept pixels of the
-others. The evaluated model is the global student each client received.
+others. The evaluated model is the global student each client received at the end of the round.
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ import networks
 from networks.segmodel import upsample
 from utils.rng import generator, seed_torch
 
+from . import diag
 from .base import PerClient
 from .local_ssl import local_epochs, supervised_pass
 from .lssl import LSSL, fedavg
@@ -208,17 +214,14 @@ class ELN(LSSL):
     shared_model = True
     sends = {"up": "model weights; in the SSL phase also the EMA teacher and, with eln.contrastive, the "
                    "student's and teacher's projection heads; eln.mapping clients: the ELN and aux decoders "
-                   "in ELN rounds (the ELN also in the first SSL round); need_eln (a number) in the SSL phase "
-                   "(mapping server)",
+                   "after each ELN round (the aux decoders not after the last); need_eln (a number) from the "
+                   "last ELN round on (mapping server)",
              "down": "the average of what was sent; mapping server: the frozen ELN's weights to a client that "
                      "asked (once)"}
 
     def stage(self, rnd: int) -> str:
         w = self.cfg.train.warmup_rounds
         return "warm" if rnd < w else "eln" if rnd < w + self.cfg.eln.eln_rounds else "ssl"
-
-    def first_ssl(self) -> int:
-        return self.cfg.train.warmup_rounds + self.cfg.eln.eln_rounds
 
     def trains_eln(self, party) -> bool:
         return (party.name == "server") == (self.cfg.eln.mapping == "server")
@@ -252,8 +255,18 @@ class ELN(LSSL):
     # --- the round ------------------------------------------------------------------------------
     def run_round(self, r, rnd: int) -> None:
         stage = self.stage(rnd)
+        if rnd == 0:  # one starting model for every client: the average of the initial weights
+            self.exchange(r, rnd, "start", stage)
+        with r.phase("local"):
+            r.clients("local", rnd=rnd, stage=stage)
+        self.exchange(r, rnd, stage, self.stage(rnd + 1))
+
+    def exchange(self, r, rnd: int, stage: str, next_stage: str) -> None:
+        """After a round of ``stage`` (``"start"``: before round 0's local training): the clients' weights
+        up, their average down (with the frozen ELN to a client that needs it for ``next_stage``); in an
+        ELN round (mapping server) the server first trains the ELN with the new global model."""
         with r.phase("aggregation"):
-            replies: Dict[int, dict] = r.clients("send_weights", rnd=rnd, stage=stage)
+            replies: Dict[int, dict] = r.clients("send_weights", rnd=rnd, stage=stage, next_stage=next_stage)
             avg = r.server("aggregate", [{k: v for k, v in replies[k].items() if k != "need_eln"}
                                          for k in sorted(replies)])  # client order: exact
         if stage == "eln" and self.cfg.eln.mapping == "server":
@@ -264,10 +277,10 @@ class ELN(LSSL):
         if need:
             eln = r.server("eln_weights")
             msg = PerClient({k: {**avg, **eln} if k in need else avg for k in replies})
-        with r.phase("local"):
-            r.clients("local", msg, rnd=rnd, stage=stage)
+        with r.phase("aggregation"):
+            r.clients("receive", msg, rnd=rnd)
 
-    def send_weights(self, client, msg, rnd: int, stage: str) -> dict:
+    def send_weights(self, client, msg, rnd: int, stage: str, next_stage: str) -> dict:
         x, c = client.extra, self.cfg.eln
         out = _prefixed("student", client.model.state_dict())
         if stage == "ssl" and x["has_teacher"]:
@@ -275,11 +288,11 @@ class ELN(LSSL):
             if c.contrastive:
                 out.update(_prefixed("proj", x["proj"].state_dict()))
                 out.update(_prefixed("proj_t", x["proj_t"].state_dict()))
-        if c.mapping == "clients" and (stage == "eln" or rnd == self.first_ssl()):
+        if c.mapping == "clients" and stage == "eln":  # trained this round: averaged for every client
             out.update(_prefixed("eln", x["eln"].state_dict()))
-            if stage == "eln":
+            if next_stage == "eln":  # the aux decoders only serve the ELN's training
                 out.update(_prefixed("aux", x["aux"].state_dict()))
-        if stage == "ssl" and c.mapping == "server" and not x["has_eln"]:
+        if next_stage == "ssl" and c.mapping == "server" and not x["has_eln"]:
             out["need_eln"] = 1
         return out
 
@@ -324,7 +337,8 @@ class ELN(LSSL):
                               **{f"eln_aux{i}_ce": a for i, a in enumerate(aux_ce)},
                               **{f"eln_aux{i}_on": float(g) for i, g in enumerate(gates)})
 
-    def local(self, client, avg: dict, rnd: int, stage: str) -> None:
+    def receive(self, client, avg: dict, rnd: int) -> None:
+        """The global model (the client's model and its copy), and whatever else was averaged or sent."""
         x, c = client.extra, self.cfg.eln
         client.model.load_state_dict(_part(avg, "student"))
         x["global"].load_state_dict(_part(avg, "student"))
@@ -333,17 +347,20 @@ class ELN(LSSL):
             x["has_eln"] = True
         if any(k.startswith("aux.") for k in avg):
             x["aux"].load_state_dict(_part(avg, "aux"))
+        if any(k.startswith("teacher.") for k in avg):
+            x["teacher"].load_state_dict(_part(avg, "teacher"))
+            if c.contrastive:
+                x["proj"].load_state_dict(_part(avg, "proj"))
+                x["proj_t"].load_state_dict(_part(avg, "proj_t"))
+
+    def local(self, client, msg, rnd: int, stage: str) -> None:
+        x, c = client.extra, self.cfg.eln
         if stage != "ssl":
             local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=False)
             if stage == "eln" and c.mapping == "clients":
                 self.train_eln(client, rnd=rnd)
             return
-        if x["has_teacher"]:
-            x["teacher"].load_state_dict(_part(avg, "teacher"))
-            if c.contrastive:
-                x["proj"].load_state_dict(_part(avg, "proj"))
-                x["proj_t"].load_state_dict(_part(avg, "proj_t"))
-        else:  # the teacher copies the student at the end of the warm-up
+        if not x["has_teacher"]:  # the teacher copies the (global) student at the end of the warm-up
             x["teacher"].load_state_dict(client.model.state_dict())
             if c.contrastive:
                 x["proj_t"].load_state_dict(x["proj"].state_dict())
@@ -355,8 +372,8 @@ class ELN(LSSL):
                     x["proj"].load_state_dict(x["proj_t"].state_dict())
             if client.has("public"):
                 supervised_pass(client, "public", rnd, "local_public", e, self.cfg.hssf)
-            if client.has("unlabeled"):
-                self._ssl_pass(client, rnd, e)
+            if client.has("unlabeled") and (x["has_eln"] or c.mapping == "clients"):  # none: it sat out
+                self._ssl_pass(client, rnd, e)  # the round that delivered the ELN (it asks again)
             client.scheduler.step()
 
     def _ssl_pass(self, client, rnd: int, e: int) -> None:
@@ -391,6 +408,8 @@ class ELN(LSSL):
             if c.contrastive:
                 ema_update(x["proj_t"], x["proj"], c.ema)
             client.log.add(**terms, eln_kept=(pseudo != IGNORE).float().mean())
+            diag.log(client, diag.pseudo_labels, t_logits.argmax(1), pred=out_w["mask"].argmax(1),
+                     pix_kept=pseudo != IGNORE)  # labels: the teacher's argmax, kept where the ELN trusts it
 
     def _contrast(self, client, s_feat, t_feat, pseudo, gen: torch.Generator) -> torch.Tensor:
         """:func:`pixel_contrastive` of the student's projections (of ``s_feat``) against the teacher's

@@ -1,7 +1,8 @@
 """FixMatch federated by FedAvg on the LSSL protocol (``../shared/BASELINES.md`` §2 and §0).
 
-Every round is :class:`fed.lssl.LSSL`'s (uniform FedAvg of every state-dict entry; per local epoch the
-supervised pass on D_p, then, after ``train.warmup_rounds``, the unlabeled pass). The unlabeled pass is
+Every round is :class:`fed.lssl.LSSL`'s (per local epoch the supervised pass on D_p, then, after
+``train.warmup_rounds``, the unlabeled pass; then the uniform FedAvg of every state-dict entry, the
+round's evaluated and checkpointed model). The unlabeled pass is
 the segmentation FixMatch of UniMatch's repository (``fixmatch.py``), per batch of aligned views:
 
 * pseudo-labels: the model on the weak view ``x_w`` without gradient (training mode, as the reference's
@@ -29,6 +30,7 @@ import torch
 from utils.rng import generator
 from utils.strong_views import cutmix, strong_view
 
+from . import diag
 from .hetero_local import confident_labels, masked_ce
 from .lssl import LSSL
 
@@ -48,3 +50,4 @@ class FixMatch(LSSL):
             l_u = masked_ce(client.forward(cutmix(x_s, mix))["mask"], cutmix(pseudo, mix), cutmix(keep, mix))
             client.step(f.unlabeled_weight * l_u)
             client.log.add(unl_u=l_u, unl_kept=keep.float().mean())
+            diag.log(client, diag.pseudo_labels, pseudo, pred=pseudo, pix_kept=keep)  # labels: own weak argmax

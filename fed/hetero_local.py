@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from . import diag
 from .local_ssl import supervised_pass, unlabeled_pass
 
 
@@ -61,6 +62,7 @@ def pseudo_label_pass(party, rnd: int, epoch: int, cfg, regularizer: Optional[Ca
                 terms.update({f"{tag}_{k}": v for k, v in extra[1].items()})
         party.step(total)
         party.log.add(**terms)
+        diag.log(party, diag.pseudo_labels, labels, pred=labels, pix_kept=keep)  # labels: own weak argmax
 
 
 def hetero_local(party, rnd: int, cfg, warm: bool, regularizer: Optional[Callable] = None,

@@ -36,6 +36,7 @@ import torch
 from networks.segmodel import upsample
 from utils.losses import confidence_loss, kl_loss, structure_loss
 
+from . import diag
 from .base import Method, PerClient, one_hot, pixel_accuracy, rpg_correct
 from .local_ssl import local_epochs
 
@@ -228,6 +229,7 @@ class HSSF(Method):
                 terms.update(cond_kl=kl, cond_taken=mask.float().mean())
             server.step(loss)
             server.log.add(**terms)
+            diag.log(server, diag.sa_calibration, p_g, c_g, y)
         server.scheduler.step()
 
     def fuse(self, client, guide: Optional[dict], rnd: int, epoch: int, kl_theta: float) -> None:
@@ -250,6 +252,7 @@ class HSSF(Method):
                 terms.update(fus_kl=kl, fus_taken=mask.float().mean())
             client.step(loss)
             client.log.add(**terms)
+            diag.log(client, diag.sa_calibration, p_k, out["confidence"], y)
 
     def local(self, client, msg, rnd: int, warm: bool) -> None:
         local_epochs(client, rnd, self.cfg, labeled="labeled", unlabeled=not warm)

@@ -6,9 +6,13 @@ Shared by ``hssf``, ``lssl`` and ``local``:
 * unlabeled batches: weak view ``w`` (with feature perturbation) and strong view ``s`` (+ noise). The
   pseudo-label of each pixel comes from the view whose SA confidence is higher (ties: weak); **RPG**
   flips it where both confidences are below ``rpg_threshold``; the **sample gate** keeps images whose
-  mean confidence exceeds ``sample_threshold`` (:func:`pseudo_label`). Loss = FP consistency(w_clean,
+  mean confidence exceeds ``sample_threshold`` (:func:`pseudo_label`; ``hssf.rpg`` switches both,
+  ``hssf.rpg_flip`` and ``hssf.sample_gate`` each one). Loss = FP consistency(w_clean,
   w_perturbed) + sum over v in {w_clean, s} of [pixel CE(v, pseudo) * gate + seg(v, pseudo, gate)],
   times ``unlabel_theta``.
+
+Both passes log ``diag_*`` terms (:mod:`fed.diag`): SA calibration on labeled batches, pseudo-label
+statistics on unlabeled ones.
 """
 from __future__ import annotations
 
@@ -18,25 +22,40 @@ import torch
 
 from utils.losses import confidence_loss, fp_consistency_loss, pixel_ce, structure_loss
 
+from . import diag
 from .base import one_hot
 
 
-def pseudo_label(p_w: torch.Tensor, p_s: torch.Tensor, conf_w: torch.Tensor, conf_s: torch.Tensor,
-                 rpg: bool, rpg_threshold: float, sample_threshold: float
-                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Pseudo-labels (B,H,W) and the sample gate (B,) (None without RPG).
-
-    ``p_w``/``p_s``: mask logits of the weak/strong view; ``conf_w``/``conf_s``: sigmoid SA confidence
-    (B,H,W). Each pixel takes the argmax of the more confident view (ties: weak); with ``rpg`` it is
-    flipped where the higher confidence is below ``rpg_threshold``, and an image passes the gate when
-    its mean higher confidence exceeds ``sample_threshold``.
-    """
+def pseudo_label_parts(p_w: torch.Tensor, p_s: torch.Tensor, conf_w: torch.Tensor, conf_s: torch.Tensor,
+                       rpg: bool, rpg_threshold: float, sample_threshold: float, flip: bool = True,
+                       gate: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                                                   torch.Tensor]:
+    """:func:`pseudo_label` and what it decided from: ``(pseudo (B,H,W), gate (B,) or None, flipped
+    (B,H,W) bool or None, conf = max(conf_w, conf_s) (B,H,W))``; ``flipped``/``gate`` are None where
+    that part of RPG is off."""
     conf = torch.maximum(conf_w, conf_s)
     pseudo = torch.where(conf_w < conf_s, p_s.argmax(1), p_w.argmax(1))
-    if not rpg:
-        return pseudo, None
-    pseudo = torch.where(conf < rpg_threshold, 1 - pseudo, pseudo)
-    return pseudo, conf.mean(dim=(1, 2)) > sample_threshold
+    flipped = keep = None
+    if rpg and flip:
+        flipped = conf < rpg_threshold
+        pseudo = torch.where(flipped, 1 - pseudo, pseudo)
+    if rpg and gate:
+        keep = conf.mean(dim=(1, 2)) > sample_threshold
+    return pseudo, keep, flipped, conf
+
+
+def pseudo_label(p_w: torch.Tensor, p_s: torch.Tensor, conf_w: torch.Tensor, conf_s: torch.Tensor,
+                 rpg: bool, rpg_threshold: float, sample_threshold: float, flip: bool = True,
+                 gate: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Pseudo-labels (B,H,W) and the sample gate (B,) (None without RPG or with ``gate`` off).
+
+    ``p_w``/``p_s``: mask logits of the weak/strong view; ``conf_w``/``conf_s``: sigmoid SA confidence
+    (B,H,W). Each pixel takes the argmax of the more confident view (ties: weak); with ``rpg`` (and
+    ``flip``, ``hssf.rpg_flip``) it is flipped where the higher confidence is below ``rpg_threshold``,
+    and (with ``gate``, ``hssf.sample_gate``) an image passes the gate when its mean higher confidence
+    exceeds ``sample_threshold``. ``rpg`` off: neither.
+    """
+    return pseudo_label_parts(p_w, p_s, conf_w, conf_s, rpg, rpg_threshold, sample_threshold, flip, gate)[:2]
 
 
 def supervised_pass(party, which: str, rnd: int, phase: str, epoch: int, h, tag: str = "sup",
@@ -62,6 +81,7 @@ def supervised_pass(party, which: str, rnd: int, phase: str, epoch: int, h, tag:
                 terms.update({f"{tag}_{k}": v for k, v in extra[1].items()})
         party.step(loss, clip)
         party.log.add(**terms)
+        diag.log(party, diag.sa_calibration, out["mask"], out["confidence"], y)
 
 
 def unlabeled_pass(party, rnd: int, epoch: int, h) -> None:
@@ -80,8 +100,9 @@ def unlabeled_pass(party, rnd: int, epoch: int, h) -> None:
         else:
             p_w, p_fp = out_w["mask"], None
             conf_w = torch.sigmoid(out_w["confidence"][:, 0]).detach()
-        pseudo, gate = pseudo_label(p_w.detach(), p_s.detach(), conf_w, conf_s, h.rpg, h.rpg_threshold,
-                                    h.sample_threshold)
+        pseudo, gate, flipped, conf = pseudo_label_parts(p_w.detach(), p_s.detach(), conf_w, conf_s, h.rpg,
+                                                         h.rpg_threshold, h.sample_threshold, h.rpg_flip,
+                                                         h.sample_gate)
         target = one_hot(pseudo)
         terms = {}
         if fp:
@@ -92,6 +113,8 @@ def unlabeled_pass(party, rnd: int, epoch: int, h) -> None:
         party.step(loss)
         kept = gate.float().mean() if gate is not None else torch.ones(())
         party.log.add(**{f"unl_{k}": v for k, v in terms.items()}, unl_kept=kept)
+        diag.log(party, diag.pseudo_labels, pseudo, pred=p_w.argmax(1), img_kept=gate, conf=conf,
+                 flipped=torch.zeros_like(pseudo, dtype=torch.bool) if flipped is None else flipped)
 
 
 def local_epochs(party, rnd: int, cfg, labeled: str, unlabeled: bool) -> None:

@@ -1,10 +1,20 @@
 """LSSL: the official homogeneous baseline (FedAvg + local semi-supervised learning).
 
-Each round: every client sends its weights; the server takes the uniform average of every state-dict
-entry (BatchNorm buffers included) as the global model and sends it back; every client loads it and
-runs the local step of :mod:`fed.local_ssl` with the *public* labeled set as its labeled data (plus its
-own unlabeled data after the warm-up). The global model is the one evaluated (each client keeps the
-copy it received) and checkpointed. All clients and the server must share one architecture.
+Each round: every client runs the local step of :mod:`fed.local_ssl` from the global model it holds,
+with the *public* labeled set as its labeled data (plus its own unlabeled data after the warm-up); then
+every client sends its weights (``send_weights``), the server takes the uniform average of every
+state-dict entry (BatchNorm buffers included) as the new global model (``aggregate``) and sends it back,
+and every client loads it (``receive``). So the model evaluated after round ``r`` (each client's copy
+of the global model) and checkpointed (the clients' models and the server's are that average) is the
+average of the clients' weights *after* round ``r``'s local training: each round scores what it
+trained, the last round's included. (The official code averages at the start of a round and scores
+that average, before the round's local training.) Round 0 begins with one extra exchange of the same
+kind on the initial weights, so that every client starts from one model (the clients' models are
+initialised from keys of their own). A client that sat a round out (``train.fault_tolerance:
+skip_client``) goes back to its state at the round's start and misses the round's average: it trains
+the next round from the global model it received before (round 0: from its own initial weights) and
+is in step again from that round's average on.
+All clients and the server must share one architecture.
 
 The homogeneous semi-supervised baselines (``mean_teacher``, ``fixmatch``, ``unimatch``) are this
 protocol with another unlabeled pass: they subclass :class:`LSSL` and override :meth:`LSSL.unlabeled_pass`
@@ -37,7 +47,9 @@ def fedavg(state_dicts: List[dict], weights=None) -> dict:
 class LSSL(Method):
     name = "lssl"
     shared_model = True
-    sends = {"up": "model weights (every state-dict entry)", "down": "the averaged global weights"}
+    sends = {"up": "model weights (every state-dict entry) after the local training (round 0: the initial "
+                   "weights too, first)",
+             "down": "the averaged global weights"}
     read_only = frozenset({"send_weights"})
 
     @classmethod
@@ -49,13 +61,22 @@ class LSSL(Method):
         return []
 
     def run_round(self, r, rnd: int) -> None:
-        with r.phase("aggregation"):
-            replies: Dict[int, dict] = r.clients("send_weights", rnd=rnd)
-            avg = r.server("aggregate", [replies[k] for k in sorted(replies)])  # client order: exact
+        if rnd == 0:  # one starting model for every client: the average of the initial weights
+            with r.phase("aggregation"):
+                self.exchange(r, rnd, start=True)
         with r.phase("local"):
-            r.clients("local", avg, rnd=rnd, warm=self.warm(rnd))
+            r.clients("local", rnd=rnd, warm=self.warm(rnd))
+        with r.phase("aggregation"):
+            self.exchange(r, rnd)
 
-    def send_weights(self, client, msg, rnd: int) -> dict:
+    def exchange(self, r, rnd: int, start: bool = False) -> None:
+        """Weights up, their average down: the clients' models (``start``: the initial ones, before round
+        0's local training) become the global model that every client loads."""
+        replies: Dict[int, dict] = r.clients("send_weights", rnd=rnd, start=start)
+        avg = r.server("aggregate", [replies[k] for k in sorted(replies)])  # client order: exact
+        r.clients("receive", avg, rnd=rnd)
+
+    def send_weights(self, client, msg, rnd: int, start: bool = False) -> dict:
         return {k: v.detach().clone() for k, v in client.model.state_dict().items()}
 
     def aggregate(self, server, weights: List[dict]) -> dict:
@@ -67,9 +88,12 @@ class LSSL(Method):
         if party.name != "server":
             party.extra["global"] = copy.deepcopy(party.model)  # the global model this client received
 
-    def local(self, client, avg: dict, rnd: int, warm: bool) -> None:
+    def receive(self, client, avg: dict, rnd: int) -> None:
+        """Load the global model: the client's model (its next round starts from it) and its copy."""
         client.model.load_state_dict(avg)
         client.extra["global"].load_state_dict(avg)
+
+    def local(self, client, msg, rnd: int, warm: bool) -> None:
         self.local_epochs(client, rnd, warm)
 
     def local_epochs(self, client, rnd: int, warm: bool) -> None:

@@ -1,10 +1,11 @@
 """Mean Teacher federated by FedAvg on the LSSL protocol (``../shared/BASELINES.md`` §1 and §0).
 
-Every round is :class:`fed.lssl.LSSL`'s: clients send their weights, the server averages every entry
-uniformly, every client loads the average and runs ``train.local_epochs`` of [supervised pass on D_p,
-then (after ``train.warmup_rounds``) the unlabeled pass below]. The global student is evaluated and
-checkpointed. Only the unlabeled pass and the teacher are Mean Teacher's (SSL4MIS
-``train_mean_teacher_2D.py`` for the constants):
+Every round is :class:`fed.lssl.LSSL`'s: every client runs ``train.local_epochs`` of [supervised pass
+on D_p, then (after ``train.warmup_rounds``) the unlabeled pass below] from the global model it holds,
+then the clients send their weights, the server averages every entry uniformly and every client loads
+the average (round 0 starts with one such exchange of the initial weights). The global student after
+the round's local training (that average) is evaluated and checkpointed. Only the unlabeled pass and
+the teacher are Mean Teacher's (SSL4MIS ``train_mean_teacher_2D.py`` for the constants):
 
 * **consistency** (:func:`consistency_loss`): mean over pixels and classes of
   ``(softmax(student(x)) - softmax(teacher(x + xi)))^2``; ``x`` the weak view, ``xi ~ N(0, 0.1)``
@@ -31,8 +32,11 @@ checkpointed. Only the unlabeled pass and the teacher are Mean Teacher's (SSL4MI
 **FL mapping** (``mean_teacher.teacher``): ``fedavg`` (default) also sends the teacher's *parameters*
 up and receives their average: the teacher's buffers are not sent, they are the student's (copied after
 every EMA update, and from the received global student at load). In the warm-up rounds the teacher is
-unused and not sent (it is set to the global student). ``reset``: only student weights cross; each
-client's teacher is set to the global student at the start of every round.
+unused and not sent (it is set to the global student; so is it in round 0's initial exchange): the
+first round after the warm-up starts from a teacher equal to the global student. The averaged teacher
+is loaded with the averaged student at the end of a round, for the next round's local training.
+``reset``: only student weights cross; each client's teacher is set to the global student it receives
+at the end of every round (the start of the next).
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ import torch.nn.functional as F
 
 from utils.rng import clamped_noise
 
+from . import diag
 from .lssl import LSSL, fedavg
 
 
@@ -110,11 +115,11 @@ class MeanTeacher(LSSL):
             party.extra["teacher"] = teacher
             party.extra["mt_step"] = 0  # this client's unlabeled steps so far (the ramp's and EMA's clock)
 
-    def send_weights(self, client, msg, rnd: int) -> dict:
+    def send_weights(self, client, msg, rnd: int, start: bool = False) -> dict:
         student = super().send_weights(client, msg, rnd)
         if not self._teacher_fedavg():
             return student
-        if self.warm(rnd):  # no unlabeled step this round: the teacher is unused (and becomes the student)
+        if start or self.warm(rnd):  # no unlabeled step yet / this round: the teacher becomes the student
             return {"student": student}
         teacher = {k: p.detach().clone() for k, p in client.extra["teacher"].named_parameters()}
         return {"student": student, "teacher": teacher}
@@ -127,7 +132,7 @@ class MeanTeacher(LSSL):
             avg["teacher"] = fedavg([w["teacher"] for w in weights])
         return avg
 
-    def local(self, client, avg: dict, rnd: int, warm: bool) -> None:
+    def receive(self, client, avg: dict, rnd: int) -> None:
         teacher = client.extra["teacher"]
         if self._teacher_fedavg():
             student = avg["student"]
@@ -136,7 +141,7 @@ class MeanTeacher(LSSL):
         else:
             student = avg
             teacher.load_state_dict(student)  # reset: teacher := the global model
-        super().local(client, student, rnd, warm)
+        super().receive(client, student, rnd)
 
     def unlabeled_pass(self, client, rnd: int, epoch: int) -> None:
         m, teacher, phase = self.cfg.mean_teacher, client.extra["teacher"], "local_unlabeled"
@@ -152,9 +157,12 @@ class MeanTeacher(LSSL):
                 teacher_logits = teacher(w + xi.to(w.device, w.dtype))["mask"].float()
             weight = consistency_weight(step, m.consistency, m.ramp_length, div, m.zero_steps)
             with torch.set_grad_enabled(weight > 0):
-                cons = consistency_loss(client.forward(w)["mask"], teacher_logits)
+                student_logits = client.forward(w)["mask"]
+                cons = consistency_loss(student_logits, teacher_logits)
             if weight > 0:
                 client.step(weight * cons)
             ema_update(teacher, client.model, ema_alpha(step, m.ema_decay))
             client.extra["mt_step"] = step + 1
             client.log.add(unl_cons=cons, unl_cons_weight=weight)
+            # soft targets: the teacher's argmax as the pseudo-labels; no mask
+            diag.log(client, diag.pseudo_labels, teacher_logits.argmax(1), pred=student_logits.argmax(1))

@@ -3,7 +3,8 @@
 The federation itself (parties, method, messages) is :mod:`fed.runner`; this module only drives it
 round by round (SPEC section 4): ``runner.run_round(r)``; then every client is scored on its val split;
 where a client's val Dice improves, it is scored on its test split and ``{arch}_{k}_best.pth`` is saved
-(for a shared-model method, the global model is selected on the pooled val images instead). After
+(for a shared-model method, the global model, the aggregate of the round's local training, is selected
+on the pooled val images instead). After
 every round each party writes its full training state to ``<run>/state/<party>.r<round>.pt`` and the
 run commits the round in ``<run>/state/last.json``; ``train.py --resume <run>`` continues exactly from
 there (randomness is keyed by round, so no generator state is needed).

@@ -16,8 +16,10 @@ unlabeled data with pseudo-labels of the global model. One round (after the warm
    loss, :func:`fed.local_ssl.supervised_pass`, gradients clipped at ``semifl.clip`` as the official
    ``Server.train``), then, with ``semifl.sbn``, recomputes the BatchNorm
    statistics with one cumulative pass over D_p (official ``sbn=1`` uses server + client data; in FL only
-   D_p is at the server), and broadcasts the next global model. Clients keep it (evaluated, and the
-   start of their next round), so it crosses once per round.
+   D_p is at the server), and broadcasts the next global model. Clients keep it (their model and its
+   copy: the start of their next round), so it crosses once per round. This global model, the server's
+   update of the average after the round's local training, is the one evaluated and checkpointed for
+   the round (as for every shared-model method: each round scores what it trained).
 
 Warm-up rounds (``train.warmup_rounds``): the server fine-tunes on D_p and broadcasts; the clients do
 nothing else. Round 0 after no warm-up starts with one broadcast of the server's initial model.
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 
 from utils.rng import derive_seed
 
+from . import diag
 from .local_ssl import supervised_pass
 from .lssl import LSSL, fedavg
 
@@ -162,6 +165,7 @@ class SemiFL(LSSL):
 
     # --- clients --------------------------------------------------------------------------------
     def receive(self, client, weights: dict) -> None:
+        client.model.load_state_dict(weights)  # the client's checkpoints hold the global model too
         client.extra["global"].load_state_dict(weights)
 
     def local(self, client, msg, rnd: int) -> dict:
@@ -182,11 +186,12 @@ class SemiFL(LSSL):
         for b, w, st in client.batches("unlabeled", rnd, "fix", e):
             _, w_m, _ = next(partners)
             with torch.no_grad(), client.amp.autocast():
-                keep, y_fix, _ = fix_select(labeller(w)["mask"], s.tau)
+                keep, y_fix, hard = fix_select(labeller(w)["mask"], s.tau)
                 _, _, y_b = fix_select(labeller(w_m)["mask"], s.tau)
             n = int(keep.sum())
             if n == 0:
                 client.log.add(semifl_kept=0.0)
+                diag.log(client, diag.pseudo_labels, hard, pix_kept=y_fix != IGNORE, img_kept=keep)
                 continue
             lam = mixup_lambda(s.mix_alpha, self.cfg.seed, rnd, client.name, "mixup", e, b)
             x_mix = lam * w[keep] + (1 - lam) * w_m[:n]
@@ -195,6 +200,10 @@ class SemiFL(LSSL):
             loss = fix + mix
             client.step(loss, s.clip)
             client.log.add(semifl_fix=fix, semifl_mix=mix, semifl_kept=n / w.shape[0])
+            # labels: the labeller's full hard map; the student's own prediction: on the fix images'
+            # strong views (its only pass; no forward on the weak view)
+            diag.log(client, diag.pseudo_labels, hard, pred=out_fix.argmax(1), pix_kept=y_fix != IGNORE,
+                     img_kept=keep)
 
     def setup(self, party) -> None:
         if party.name != "server":

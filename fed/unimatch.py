@@ -1,7 +1,8 @@
 """UniMatch federated by FedAvg on the LSSL protocol (``../shared/BASELINES.md`` §3 and §0).
 
-Every round is :class:`fed.lssl.LSSL`'s (uniform FedAvg of every state-dict entry; per local epoch the
-supervised pass on D_p, then, after ``train.warmup_rounds``, the unlabeled pass). The unlabeled pass is
+Every round is :class:`fed.lssl.LSSL`'s (per local epoch the supervised pass on D_p, then, after
+``train.warmup_rounds``, the unlabeled pass; then the uniform FedAvg of every state-dict entry, the
+round's evaluated and checkpointed model). The unlabeled pass is
 UniMatch's (``LiheYoung/UniMatch`` ``unimatch.py``), per batch of weak views ``x_w``:
 
 1. two strong views ``x_s1``, ``x_s2`` built independently from ``x_w`` on tensors, each with its own
@@ -34,6 +35,7 @@ import torch
 from utils.rng import generator
 from utils.strong_views import cutmix, mix_partner, strong_view
 
+from . import diag
 from .hetero_local import confident_labels, masked_ce
 from .lssl import LSSL
 
@@ -62,3 +64,4 @@ class UniMatch(LSSL):
             l_fp = masked_ce(p_fp, pseudo, keep)
             client.step(unimatch_unlabeled_loss(l_s1, l_s2, l_fp))
             client.log.add(unl_s1=l_s1, unl_s2=l_s2, unl_fp=l_fp, unl_kept=keep.float().mean())
+            diag.log(client, diag.pseudo_labels, pseudo, pred=pseudo, pix_kept=keep)  # labels: own weak argmax

@@ -142,28 +142,34 @@ def test_tiny_rounds_server_mapping(ref):
             assert {"eln_ce_u", "eln_ce_aug", "eln_contrast", "eln_contrast_aug", "sup_seg"} <= set(loss)
             assert all(math.isfinite(v) for v in loss.values())
     for n in ("client0", "client1"):
-        assert recs[0]["bytes"][n] == recs[1]["bytes"][n] == {"up": seg, "down": seg}
-        # first SSL round: the weights + need_eln (8 bytes) up; the average + the frozen ELN down
-        assert recs[2]["bytes"][n] == {"up": seg + 8, "down": seg + eln}
-        # then student, teacher and both projection heads, each way
-        assert recs[3]["bytes"][n] == {"up": 2 * seg + 2 * proj, "down": 2 * seg + 2 * proj}
+        # round 0: the initial weights averaged (one starting model), then the warm-up round's weights
+        assert recs[0]["bytes"][n] == {"up": 2 * seg, "down": 2 * seg}
+        # the ELN round, the last before the SSL phase: the weights + need_eln (8 bytes) up; the average +
+        # the frozen ELN (trained by the server with the new average) down
+        assert recs[1]["bytes"][n] == {"up": seg + 8, "down": seg + eln}
+        # SSL rounds: student, teacher and both projection heads, each way
+        assert recs[2]["bytes"][n] == recs[3]["bytes"][n] == {"up": 2 * seg + 2 * proj, "down": 2 * seg + 2 * proj}
 
 
 def test_tiny_rounds_clients_mapping(tmp_path):
     import networks
     from utils.logger import read_metrics
 
-    cfg, _ = run_tiny(tmp_path, "elnc", *ELN, "eln.mapping=clients", "eln.contrastive=false", "train.rounds=3")
+    cfg, _ = run_tiny(tmp_path, "elnc", *ELN, "eln.mapping=clients", "eln.contrastive=false", "eln.eln_rounds=2",
+                      "train.rounds=4")
     recs = read_metrics(cfg.output.dir)
     seg, eln = _bytes(networks.build_model("tiny")), _bytes(ELNet("tiny"))
     aux = 2 * _bytes(networks.build_model("tiny").classifier)
     for n in ("client0", "client1"):
-        assert "eln_bce" in recs[1]["loss"][n] and math.isfinite(recs[1]["loss"][n]["eln_bce"])
-        assert "eln_ce_u" in recs[2]["loss"][n] and "eln_contrast" not in recs[2]["loss"][n]
-        # ELN round 1: model, ELN and aux decoders each way; first SSL round 2: the ELN trained in round 1
-        # is averaged once more (so that every client uses one ELN), the aux decoders no longer cross
+        for r in (1, 2):
+            assert "eln_bce" in recs[r]["loss"][n] and math.isfinite(recs[r]["loss"][n]["eln_bce"])
+        assert "eln_ce_u" in recs[3]["loss"][n] and "eln_contrast" not in recs[3]["loss"][n]
+        # each ELN round ends with the model, the ELN and the aux decoders averaged, each way; after the
+        # last one (round 2) the aux decoders no longer cross, the ELN is averaged (every client uses one)
         assert recs[1]["bytes"][n] == {"up": seg + eln + aux, "down": seg + eln + aux}
         assert recs[2]["bytes"][n] == {"up": seg + eln, "down": seg + eln}
+        # SSL round: student and teacher
+        assert recs[3]["bytes"][n] == {"up": 2 * seg, "down": 2 * seg}
 
 
 def test_flower_sim_identical(ref):

@@ -3,7 +3,7 @@
 Hand-computed checks of the EMA update, the ramp weight and the consistency loss; two tiny rounds in
 process (the consistency was trained on in the non-warm-up round, the teacher follows the student's
 buffers, the bytes are the student's state dict plus, after the warm-up, the teacher's parameters both
-ways; ``teacher: reset`` sends the student's only); resuming and the Flower simulation give the same run.
+ways, and round 0 also exchanges the initial students; ``teacher: reset`` sends the student's only); resuming and the Flower simulation give the same run.
 """
 import math
 from pathlib import Path
@@ -94,8 +94,10 @@ def test_two_rounds(mt_run):
         assert "unl_cons" not in recs[0]["loss"][name]             # warm-up: D_p only
         loss = recs[1]["loss"][name]
         assert math.isfinite(loss["unl_cons"]) and loss["unl_cons"] > 0 and loss["unl_cons_weight"] > 0
-        # warm-up: the student's state dict; then also the teacher's parameters (its buffers are the student's)
-        assert recs[0]["bytes"][name]["up"] == recs[0]["bytes"][name]["down"] == sd
+        # warm-up: the student's state dict, twice in round 0 (the initial weights are averaged first, so
+        # that every client starts from one model); then also the teacher's parameters (its buffers are
+        # the student's)
+        assert recs[0]["bytes"][name]["up"] == recs[0]["bytes"][name]["down"] == 2 * sd
         assert recs[1]["bytes"][name]["up"] == recs[1]["bytes"][name]["down"] == sd + params
         state = _state(cfg, name)
         # 6 unlabeled training images per client, batch 2: 3 steps in the one non-warm-up round

@@ -7,7 +7,8 @@ carries only what the method declares:
 - ``hssf``: ``predict_public`` -> ``{"logits": (N, 2, H, W), "grade": (N,)}``, N the public pass size
   (never a local image, label or anything shaped like the site's local data); every other method step
   replies nothing.
-- ``lssl``: ``send_weights`` -> the model's state dict, exactly its keys; nothing else.
+- ``lssl``: ``send_weights`` -> the model's state dict, exactly its keys; ``local`` (training) and
+  ``receive`` (loading the average) reply nothing.
 - ``local``: nothing at all.
 
 Outside the method, the *run* asks every client for (stated here, so that a change shows up):
@@ -143,7 +144,7 @@ def test_lssl_clients_send_only_their_state_dict(tmp_path, recorded):
     cfg = _run(tmp_path, "lssl", "method=lssl", rounds=1)
     keys = _model_keys(cfg)
     method = [(p, s, r) for p, s, r in recorded if s not in RUN_LEVEL]
-    assert {s for _, s, _ in method} == {"send_weights", "local"}
+    assert {s for _, s, _ in method} == {"send_weights", "local", "receive"}
     for party, s, r in method:
         if s == "send_weights":
             assert set(r) == keys[party] and all(torch.is_tensor(v) for v in r.values())

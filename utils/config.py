@@ -82,7 +82,7 @@ def _synthetic(v):
 SCHEMA: Dict[str, Any] = {
     "name": Key("hssf", str, "Experiment name (used in `output.dir`)."),
     "method": Key("hssf", str, "Federated method: `hssf`, `lssl` (FedAvg + local SSL, homogeneous), "
-                  "`local` (no collaboration); the paper's baselines `mean_teacher`, `fixmatch`, `unimatch`, "
+                  "`local` (no collaboration), `public_only` (each client on the public set alone: the floor); the paper's baselines `mean_teacher`, `fixmatch`, `unimatch`, "
                   "`eln`, `semifl` (homogeneous) and `fedmd`, `ktpfl`, `feddistill`, `fedproto`, `rhfl` "
                   "(heterogeneous). See `fed/` and README \"Baselines\"."),
     "seed": Key(42, int, "Seeds data splits, augmentation, noise, dropout and initialisation."),
@@ -109,6 +109,15 @@ SCHEMA: Dict[str, Any] = {
                            check=_nonneg),
         "shuffle": Key(False, bool, "Shuffle training loaders. The official code does not (faithful "
                        "default: false)."),
+        "augment_seeding": Key("free", str, "Per-sample augmentation seeds of the training loaders. "
+                               "`free`: a fresh keyed seed per sample and pass. `official`: the official "
+                               "code's quirk (it re-seeds its generators before each view with a seed drawn "
+                               "from 42 values): each sample's seed is one of 42, drawn per sample and pass, "
+                               "so its geometric draw (shared by its weak and strong views and mask), "
+                               "RandAugment draw and cutout are one of 42. The data order is the same in both; "
+                               "public-set noise is unaffected. Both are offered; the default is decided by a "
+                               "measurement reported in the README (\"Differences from the official code\").",
+                               choices=["free", "official"]),
         "cache": Key(True, bool, "Keep resized images in memory (read each file once)."),
         "verify": Key(True, bool, "Check every file of the run before training (`python -m "
                       "datasets.verify`): corrupt images, missing or non-binary masks, size mismatches, "
@@ -145,8 +154,10 @@ SCHEMA: Dict[str, Any] = {
         "lr": Key(1e-4, float, "Initial learning rate (server and clients).", check=_pos),
         "weight_decay": Key(0.02, float, "Weight decay.", check=_nonneg),
         "lr_final_factor": Key(0.01, float, "Cosine schedule floor (official `lrf`).", check=_unit),
-        "amp": Key(True, bool, "Mixed precision on CUDA (bf16 where supported, else fp16 with loss "
-                   "scaling); ignored on CPU."),
+        "amp": Key(False, bool, "Opt-in mixed precision (off: fp32, as the official code). On CUDA it "
+                   "runs forward passes under bf16 autocast (fp16 + loss scaling where bf16 is "
+                   "unsupported), so the outputs exchanged and the grades/thresholds computed from them "
+                   "are bf16-rounded (fp16 in that fallback); ignored on CPU."),
         "channels_last": Key(True, bool, "channels_last memory format on CUDA; ignored on CPU."),
         "fault_tolerance": Key("stop", str, "`stop`: an exception stops the run (the state of the last "
                                "completed round is kept). `skip_client`: an exception inside one client's "
@@ -180,8 +191,12 @@ SCHEMA: Dict[str, Any] = {
         "sample_threshold": Key(0.75, float, "Sample gate on mean confidence / grade (official "
                                 "`unlabel_thres`).", check=_unit),
         "feature_perturbation": Key(True, bool, "Feature-perturbation consistency in the local step."),
-        "rpg": Key(True, bool, "Reliable Pseudo-label Generation (flip + sample gate); off = plain "
-                   "pseudo-labels, no gate."),
+        "rpg": Key(True, bool, "Reliable Pseudo-label Generation in the local step (flip + sample gate); "
+                   "off = plain pseudo-labels, no gate (whatever `hssf.rpg_flip` and `hssf.sample_gate`)."),
+        "rpg_flip": Key(True, bool, "RPG's flip (with `hssf.rpg`): the local step's pseudo-label is flipped "
+                        "where the higher SA confidence is below `rpg_threshold`; off = no flip (ablation)."),
+        "sample_gate": Key(True, bool, "RPG's sample gate (with `hssf.rpg`): the local step keeps images whose "
+                           "mean SA confidence exceeds `sample_threshold`; off = every image (ablation)."),
         "grades_first": Key(False, bool, "Exchange reduction (exact): Condensation collects grades first, "
                             "then only the logits the server can use (each sample's best client, where its "
                             "grade passes `sample_threshold`); clients recompute those batches."),
