@@ -5,6 +5,7 @@ Adding a method = one file with a :class:`fed.base.Method` subclass + one line i
 """
 from .hssf import HSSF
 from .local import Local
+from .public_only import PublicOnly
 from .lssl import LSSL
 from .mean_teacher import MeanTeacher
 from .fixmatch import FixMatch
@@ -18,6 +19,7 @@ from .fedproto import FedProto
 from .rhfl import RHFL
 
 METHODS = {m.name: m for m in (HSSF, LSSL, Local,  # the official code's three
+                               PublicOnly,  # the floor: each client on the public set alone
                                MeanTeacher, FixMatch, UniMatch, ELN, SemiFL,  # homogeneous baselines
                                FedMD, KTpFL, FedDistill, FedProto, RHFL)}  # heterogeneous baselines
 

@@ -477,3 +477,185 @@ def default_out(reference) -> Path:
     if p.name in ("", ".", ".."):
         p = p.resolve()
     return p.parent / "compare"
+
+
+# --- several seeds per row (bench/study.py) ---------------------------------------------------------------
+
+@dataclass
+class SeedRow:
+    """One row of a seeded study: the runs of every seed, scored at the best-validation checkpoints
+    (``best``) and at the last round (``last``), merged into one :class:`Run` per-image mean over seeds."""
+
+    label: str
+    best: List[Run]
+    last: List[Run]
+    #: client group -> architecture (``client0`` -> ``resnet18``); empty for a floor row
+    archs: Dict[str, str] = field(default_factory=dict)
+    #: labeled public-set passes per client per round (None: not applicable)
+    labeled_passes: Optional[float] = None
+    #: validation curves: one list of (round, pooled val Dice) per seed
+    curves: List[List[Tuple[int, float]]] = field(default_factory=list)
+
+
+def merge_seeds(runs: Sequence[Run], label: str) -> Run:
+    """One :class:`Run` whose per-image scores are the mean over ``runs`` (the seeds of one row) of each
+    image's scores; HD95 over the seeds where it is defined (None where it is defined in none). Bytes and
+    seconds per round: the mean over the seeds. The seeds must have been tested on the same images."""
+    if not runs:
+        raise CompareError(f"{label}: no finished seed")
+    first = runs[0]
+    for r in runs[1:]:
+        check_same_images(first, r)
+    images = {}
+    for key in first.images:
+        row = {}
+        for m in first.images[key]:
+            vals = [r.images[key][m] for r in runs if r.images[key].get(m) is not None]
+            row[m] = float(np.mean(vals)) if vals else None
+        images[key] = row
+    mean = lambda xs: None if any(x is None for x in xs) else float(np.mean(xs))
+    out = Run(path=first.path.parent, name=label, method=first.method, sites=first.sites, images=images,
+              rounds=first.rounds, up=mean([r.up for r in runs]), down=mean([r.down for r in runs]),
+              time_s=mean([r.time_s for r in runs]))
+    out.groups = first.groups
+    return out
+
+
+def pooled(run: Run, metric: str, groups: Optional[Sequence[str]] = None) -> Optional[float]:
+    """Mean of ``metric`` over every image of ``groups`` (all: None) where it is defined."""
+    vals = [v[metric] for (g, _), v in run.images.items()
+            if (groups is None or g in groups) and v.get(metric) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def seed_stats(row: SeedRow, metrics: Sequence[str]) -> dict:
+    """Mean ± std over the seeds of the pooled scores, at ``best`` and ``last``, for all clients and per
+    architecture (where the row's clients differ in architecture)."""
+    by_arch: Dict[str, List[str]] = {}
+    for g, a in row.archs.items():
+        by_arch.setdefault(a, []).append(g)
+    parts = {"all": None, **({a: gs for a, gs in by_arch.items()} if len(by_arch) > 1 else {})}
+    out = {"seeds": len(row.best)}
+    for which, runs in (("best", row.best), ("last", row.last)):
+        for part, groups in parts.items():
+            for m in metrics:
+                vals = [pooled(r, m, groups) for r in runs]
+                vals = [v for v in vals if v is not None]
+                out[f"{m}_{which}_{part}"] = mean_std(vals)
+    return out
+
+
+def compare_seeds(rows: Sequence[SeedRow], reference: str, metrics: Sequence[str] = DEFAULT_METRICS) -> dict:
+    """The study table: :func:`compare` of every row's seed-averaged per-image scores (best-validation
+    checkpoints; the paired Wilcoxon test against the ``reference`` row on those means), plus each row's
+    mean ± std over seeds (:func:`seed_stats`) and labeled budget."""
+    merged = {r.label: merge_seeds(r.best, r.label) for r in rows}
+    folders = [m.path.resolve() for m in merged.values()]
+    if len(set(folders)) < len(folders):
+        raise CompareError("rows must keep their seeds in folders of their own (<row>/s<seed>): "
+                           + ", ".join(f"{k} in {m.path}" for k, m in merged.items()))
+    if reference not in merged:
+        raise CompareError(f"reference row {reference!r} has no finished seed (rows: {', '.join(merged)})")
+    result = compare([merged[r.label] for r in rows], merged[reference], metrics)
+    by_label = {r.label: r for r in rows}
+    for tr in result["rows"]:
+        tr["label"] = tr["name"]
+        row = by_label[tr["name"]]
+        tr["seeds"] = seed_stats(row, metrics)
+        tr["labeled_passes"] = row.labeled_passes
+    archs = sorted({a for r in rows for a in r.archs.values()})
+    result["arch_parts"] = archs if any(len(set(r.archs.values())) > 1 for r in rows) else []
+    result["reference"]["label"] = reference
+    return result
+
+
+def _seed_cell(stats: dict) -> str:
+    return "n/a" if stats["n"] == 0 else (f"{stats['mean']:.2f} ± {stats['std']:.2f}" if stats["n"] > 1
+                                          else f"{stats['mean']:.2f}")
+
+
+def format_seed_markdown(result: dict, title: str = "", notes: Sequence[str] = ()) -> str:
+    """The study table: per row, over seeds, the pooled test scores at the best-validation checkpoints and
+    at the last round, per architecture where clients differ, the Wilcoxon p against the reference (on the
+    per-image scores averaged over seeds), the labeled budget, bytes and seconds per round; then the
+    per-client table of :func:`format_markdown` (means over images of the seed-averaged scores)."""
+    ms = result["metrics"]
+    head = ["row", "seeds"]
+    for m in ms:
+        head += [f"{LABELS[m]} best", f"{LABELS[m]} last"]
+    for a in result["arch_parts"]:
+        head.append(f"Dice best {a}")
+    head += [f"p {LABELS[m]}" for m in ms] + ["labeled passes/round", "bytes/round", "time/round"]
+    rows = []
+    for r in result["rows"]:
+        s = r["seeds"]
+        cells = [r["label"], str(s["seeds"])]
+        for m in ms:
+            cells += [_seed_cell(s[f"{m}_best_all"]), _seed_cell(s[f"{m}_last_all"])]
+        for a in result["arch_parts"]:
+            st = s.get(f"dice_best_{a}")
+            cells.append("–" if st is None else _seed_cell(st))
+        cells += ["–" if r["reference"] else fmt_p(r["tests"][m][AVG]["p"]) for m in ms]
+        lp = r["labeled_passes"]
+        cells += ["–" if lp is None else f"{lp:g}", human_bytes(r["bytes"]), human_seconds(r["time_s"])]
+        rows.append(cells)
+    out = ([f"## {title}", ""] if title else []) + list(notes) + ([""] if notes else [])
+    out += [f"Pooled test scores over all {result['images'][AVG]} test images (Dice in %, HD95 in px): mean ± std "
+            f"over seeds of each seed's pooled mean; best = the best-validation checkpoints, last = the last "
+            f"round. p: {TEST_NAME} against {result['reference']['label']} on the per-image scores averaged "
+            f"over seeds (best checkpoints), all clients pooled. Labeled passes: passes over the labeled "
+            f"public set per client per round.", ""]
+    out += _md_table(head, rows)
+    out += ["", "Per client (mean ± std over test images of the seed-averaged per-image scores):", ""]
+    per = format_markdown(result).split("\n")
+    out += per[4:]  # the table and the paired tests, without its heading and caption
+    return "\n".join(out).rstrip() + "\n"
+
+
+def seed_csv_rows(result: dict) -> Tuple[List[str], List[dict]]:
+    """:func:`csv_rows` plus the over-seed statistics and the labeled budget."""
+    fields, rows = csv_rows(result)
+    extra = []
+    for r, d in zip(result["rows"], rows):
+        d["labeled_passes"] = "" if r["labeled_passes"] is None else repr(r["labeled_passes"])
+        for k, st in r["seeds"].items():
+            if k == "seeds":
+                d["seeds"] = st
+                continue
+            for q in ("mean", "std", "n"):
+                d[f"{k}_seeds_{q}"] = "" if st["n"] == 0 else repr(st[q])
+        for k in d:
+            if k not in fields and k not in extra:
+                extra.append(k)
+    return fields + extra, rows
+
+
+def format_seed_latex(result: dict) -> str:
+    """booktabs rows: Dice and HD95 (mean ± std over seeds) at best and last, p, labeled passes."""
+    ms = result["metrics"]
+    out = ["% generated by bench/study.py (utils/compare.py); needs \\usepackage{booktabs}",
+           f"\\begin{{tabular}}{{l{'cc' * len(ms)}{'c' * len(ms)}r}}", "\\toprule",
+           " & ".join(["Method"] + [f"{LABELS[m]} {w}" for m in ms for w in ("best", "last")]
+                      + [f"$p$ {LABELS[m]}" for m in ms] + ["Labeled passes"]) + " \\\\", "\\midrule"]
+    cell = lambda st: "--" if st["n"] == 0 else f"{st['mean']:.2f} \\tiny $\\pm$ {st['std']:.2f}"
+    for r in result["rows"]:
+        s = r["seeds"]
+        cells = [_tex(r["label"])] + [cell(s[f"{m}_{w}_all"]) for m in ms for w in ("best", "last")]
+        cells += ["--" if r["reference"] else _tex_p(r["tests"][m][AVG]["p"]) for m in ms]
+        cells.append("--" if r["labeled_passes"] is None else f"{r['labeled_passes']:g}")
+        out.append(" & ".join(cells) + " \\\\")
+    return "\n".join(out + ["\\bottomrule", "\\end{tabular}"]) + "\n"
+
+
+def write_seed_outputs(result: dict, out_dir, title: str = "", notes: Sequence[str] = ()) -> Dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "table.md", "tex": out_dir / "table.tex", "csv": out_dir / "table.csv"}
+    paths["md"].write_text(format_seed_markdown(result, title, notes))
+    paths["tex"].write_text(format_seed_latex(result))
+    fields, rows = seed_csv_rows(result)
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return paths
