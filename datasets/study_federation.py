@@ -6,8 +6,8 @@ mixed public images do not give that; EndoTect 2020 (200 labeled polyp images) a
 Kvasir-SEG split into disjoint clients does (README "Choosing the study's scale" has the numbers).
 
 From sites in the layout of :mod:`datasets.prepare` (``<src>/<site>/{image,mask}/``; e.g.
-``python -m datasets.prepare kvasir --src kvasir-seg --out data`` gives ``data/polyp/Kvasir``, and any
-EndoTect download converted the same way gives ``data/polyp/EndoTect``) this writes::
+``python -m datasets.prepare kvasir --src kvasir-seg --out data`` gives ``data/polyp/Kvasir``, and the
+EndoTect 2020 polyp images with ``--site EndoTect`` give ``data/polyp/EndoTect``) this writes::
 
     <out>/<dataset>/Public/{image,mask}/<stem>.png        # --public images of --public-site
     <out>/<dataset>/Kvasir1..K/{image,mask}/<stem>.png    # disjoint parts of --client-site

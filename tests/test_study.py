@@ -152,6 +152,11 @@ def test_a_study_stopped_and_continued(tmp_path):
             d = logs / row / f"s{s}"
             assert (d / "test" / "per_image.csv").is_file() and (d / "test_last" / "per_image.csv").is_file()
             assert not list(d.rglob("*.pth")), "checkpoints are never copied to the logs"
+    for line in (logs / "public_only" / "s1" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)  # public_only: supervised passes on D_p only, nothing exchanged
+        assert set(rec["loss"]) == {"client0", "client1"}
+        assert all(k.startswith(("sup_", "diag_sa_")) for t in rec["loss"].values() for k in t), rec["loss"]
+        assert all(b["up"] == b["down"] == 0 for b in rec["bytes"].values())
     resumed = json.loads((logs / "public_only" / "s0" / "results.json").read_text())
     # the resumed cell equals an uninterrupted run of the same config
     cfg2 = load_config(st["base"], c["overrides"][:-1] + [f"output.dir={tmp_path / 'straight'}"])
