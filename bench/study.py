@@ -309,11 +309,12 @@ def build_table(study: dict, cfgs: dict) -> Optional[dict]:
         notes.append(f"Partial: {done} of {total} cells finished; rows show the seeds they have.")
     out = study["logs"]
     write_seed_outputs(result, out, f"Study {study['name']} (reference {study['reference']})", notes)
-    plot_curves(rows, out / "curves.png", study["name"])
+    ref_cfg = cfgs[(study["reference"], study["rows"][study["reference"]]["seeds"][0])]
+    plot_curves(rows, out / "curves.png", study["name"], ref_cfg.train.warmup_rounds)
     return result
 
 
-def plot_curves(rows, path: Path, title: str) -> Optional[Path]:
+def plot_curves(rows, path: Path, title: str, warmup: int = 0) -> Optional[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,7 +324,11 @@ def plot_curves(rows, path: Path, title: str) -> Optional[Path]:
     rows = [r for r in rows if r.curves]
     if not rows:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(8, 5))
+    if warmup:
+        ax.axvspan(-0.5, warmup - 0.5, color="0.9", zorder=0, label="warm-up (hssf, lssl, fixmatch)")
     for r in rows:
         n = min(len(c) for c in r.curves)
         x = [c[0] for c in r.curves[0][:n]]
@@ -331,6 +336,7 @@ def plot_curves(rows, path: Path, title: str) -> Optional[Path]:
         line, = ax.plot(x, y.mean(0), label=f"{r.label} ({len(r.curves)})")
         if len(y) > 1:
             ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("pooled val Dice (%)")
     ax.set_title(f"{title}: mean and min-max over seeds (seeds in brackets)")
