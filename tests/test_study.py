@@ -54,6 +54,8 @@ def test_seed_stats_are_mean_and_std_over_seeds_of_pooled_scores():
     assert math.isclose(s["dice_best_all"]["std"], math.sqrt(200))  # ddof 1 of (25, 45)
     assert s["dice_last_all"] == {"mean": 45.0, "std": 0.0, "n": 2}
     assert s["dice_best_resnet18"]["mean"] == 30.0 and s["dice_best_resnet34"]["mean"] == 40.0
+    homogeneous = seed_stats(SeedRow("h", [a], [a], {"client0": "resnet18", "client1": "resnet18"}), ["dice"])
+    assert homogeneous["dice_best_resnet18"]["mean"] == 25.0 and "dice_best_resnet34" not in homogeneous
     assert pooled(a, "dice", ["client1"]) == 30.0
 
 

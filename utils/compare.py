@@ -530,11 +530,12 @@ def pooled(run: Run, metric: str, groups: Optional[Sequence[str]] = None) -> Opt
 
 def seed_stats(row: SeedRow, metrics: Sequence[str]) -> dict:
     """Mean ± std over the seeds of the pooled scores, at ``best`` and ``last``, for all clients and per
-    architecture (where the row's clients differ in architecture)."""
+    client architecture (a homogeneous row has one: its pooled score, to set beside the heterogeneous
+    rows' clients of that architecture)."""
     by_arch: Dict[str, List[str]] = {}
     for g, a in row.archs.items():
         by_arch.setdefault(a, []).append(g)
-    parts = {"all": None, **({a: gs for a, gs in by_arch.items()} if len(by_arch) > 1 else {})}
+    parts = {"all": None, **by_arch}
     out = {"seeds": len(row.best)}
     for which, runs in (("best", row.best), ("last", row.last)):
         for part, groups in parts.items():
@@ -564,7 +565,7 @@ def compare_seeds(rows: Sequence[SeedRow], reference: str, metrics: Sequence[str
         tr["seeds"] = seed_stats(row, metrics)
         tr["labeled_passes"] = row.labeled_passes
     archs = sorted({a for r in rows for a in r.archs.values()})
-    result["arch_parts"] = archs if any(len(set(r.archs.values())) > 1 for r in rows) else []
+    result["arch_parts"] = archs if len(archs) > 1 else []  # one column per architecture in the table
     result["reference"]["label"] = reference
     return result
 
