@@ -244,7 +244,9 @@ def floor_row(study: dict, cfg) -> Path:
 # --- the table ---------------------------------------------------------------------------------------------
 
 def _row_data(study: dict, name: str, cfgs: dict):
-    from utils.compare import SeedRow, load_run
+    import dataclasses
+
+    from utils.compare import SeedRow, load_run, read_per_image, read_rounds
 
     row = study["rows"][name]
     best, last, curves = [], [], []
@@ -252,18 +254,10 @@ def _row_data(study: dict, name: str, cfgs: dict):
         d = study["logs"] / name / f"s{seed}"
         if not (d / "test_last" / "per_image.csv").is_file():
             continue
-        best.append(load_run(d))
-        tmp = load_run(d)
-        from utils.compare import read_per_image
-
-        tmp.images = read_per_image(d / "test_last" / "per_image.csv")
-        last.append(tmp)
-        curve = []
-        for line in (d / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                curve.append((r["round"], r["val"]["all"]["dice"]))
-        curves.append(curve)
+        run = load_run(d)
+        best.append(run)
+        last.append(dataclasses.replace(run, images=read_per_image(d / "test_last" / "per_image.csv")))
+        curves.append([(r["round"], r["val"]["all"]["dice"]) for r in read_rounds(d / "metrics.jsonl")])
     if not best:
         return None
     cfg = cfgs[(name, row["seeds"][0])]

@@ -8,17 +8,14 @@ self-training. Set ``train.local_epochs`` to give it another labeled budget (e.g
 """
 from __future__ import annotations
 
-from .base import Method
+from .local import Local
 from .local_ssl import local_epochs
 
 
-class PublicOnly(Method):
-    name = "public_only"
-    uses_warmup = False
+class PublicOnly(Local):
+    """:class:`fed.local.Local` (same round, no warm-up, nothing exchanged) without the unlabeled pass."""
 
-    def run_round(self, r, rnd: int) -> None:
-        with r.phase("local"):
-            r.clients("local", rnd=rnd)
+    name = "public_only"
 
     def local(self, client, msg, rnd: int) -> None:
         local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=False)

@@ -457,18 +457,23 @@ def csv_rows(result: dict) -> Tuple[List[str], List[dict]]:
     return fields, rows
 
 
-def write_outputs(result: dict, out_dir) -> Dict[str, Path]:
+def _write_tables(out_dir, stem: str, md: str, tex: str, table: Tuple[List[str], List[dict]]) -> Dict[str, Path]:
+    """``<stem>.md``, ``<stem>.tex`` and ``<stem>.csv`` (``table``: fields and rows) in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out_dir / "compare.md", "tex": out_dir / "compare.tex", "csv": out_dir / "compare.csv"}
-    paths["md"].write_text(format_markdown(result))
-    paths["tex"].write_text(format_latex(result))
-    fields, rows = csv_rows(result)
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "tex", "csv")}
+    paths["md"].write_text(md)
+    paths["tex"].write_text(tex)
+    fields, rows = table
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     return paths
+
+
+def write_outputs(result: dict, out_dir) -> Dict[str, Path]:
+    return _write_tables(out_dir, "compare", format_markdown(result), format_latex(result), csv_rows(result))
 
 
 def default_out(reference) -> Path:
@@ -649,14 +654,5 @@ def format_seed_latex(result: dict) -> str:
 
 
 def write_seed_outputs(result: dict, out_dir, title: str = "", notes: Sequence[str] = ()) -> Dict[str, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out_dir / "table.md", "tex": out_dir / "table.tex", "csv": out_dir / "table.csv"}
-    paths["md"].write_text(format_seed_markdown(result, title, notes))
-    paths["tex"].write_text(format_seed_latex(result))
-    fields, rows = seed_csv_rows(result)
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    return paths
+    return _write_tables(out_dir, "table", format_seed_markdown(result, title, notes), format_seed_latex(result),
+                         seed_csv_rows(result))
