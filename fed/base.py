@@ -8,13 +8,17 @@ A method is one file with a small class registered in ``fed/__init__.py``::
 
         def run_round(self, r, rnd):              # the protocol of one round
             with r.phase("local"):
-                r.clients("local", rnd=rnd)       # runs self.local(client, None, rnd=rnd) on each client
+                r.clients(self.local, rnd=rnd)    # runs self.local(client, None, rnd=rnd) on each client
 
+        @step
         def local(self, party, msg, rnd): ...      # a step: one party, one message in, one reply out
 
 A step sees only its own :class:`fed.party.Party` and the message it was sent; the runner
-(:mod:`fed.runner`) carries messages, counts their bytes and times the phases. Evaluation,
-checkpoints, logging and resuming are the run's job (:mod:`fed.run`).
+(:mod:`fed.runner`) carries messages, counts their bytes and times the phases. A protocol names its
+steps as bound methods (an editor follows them); what crosses to another process or site is the step's
+name. ``@step(read_only=True)`` marks a step that changes nothing on its party (no training, no state):
+Flower sends it as a "query". Evaluation, checkpoints, logging and resuming are the run's job
+(:mod:`fed.run`).
 """
 from __future__ import annotations
 
@@ -71,8 +75,25 @@ def rpg_correct(mask_logits: torch.Tensor, confidence_logits: torch.Tensor, thre
     return torch.where(torch.sigmoid(confidence_logits[:, 0]) < threshold, 1 - pred, pred)
 
 
+#: names a step can not take: the runner's calls on every party (``fed.runner.PARTY_CALLS``) and what the
+#: run asks of a method
+RESERVED = frozenset({"begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate",
+                      "test_weights", "run_round", "setup", "warm", "eval_model", "check_config", "steps",
+                      "read_only", "name", "sends", "shared_model", "uses_warmup", "cfg"})
+
+
+def step(fn=None, *, read_only: bool = False):
+    """Mark a method's function as a step (``@step`` or ``@step(read_only=True)``): the runner runs it on
+    a party, ``fn(self, party, msg, **kw)``, and carries its reply. ``read_only``: it changes nothing on
+    its party (no training, no optimizer, scheduler or state change)."""
+    def mark(f):
+        f.__step__ = {"read_only": bool(read_only)}
+        return f
+    return mark(fn) if fn is not None else mark
+
+
 class Method:
-    """Base class: subclasses implement :meth:`run_round` and the steps it names."""
+    """Base class: subclasses implement :meth:`run_round` and the steps (``@step``) it names."""
 
     name = "base"
     #: True when all clients share one global model (FedAvg): evaluation and checkpoints use it, as it
@@ -83,8 +104,27 @@ class Method:
     uses_warmup = True
     #: what crosses between the parties, in words (README, logs)
     sends = {"up": "nothing", "down": "nothing"}
-    #: steps that only read their party (no training, no state change): Flower sends them as "query"
+    #: the method's steps, name -> {"read_only": bool}: collected from ``@step`` when the class is defined
+    steps: dict = {}
+    #: the steps that only read their party (``@step(read_only=True)``): Flower sends them as "query"
     read_only: frozenset = frozenset()
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        steps, owner = {}, {}
+        for klass in reversed(cls.__mro__):
+            for attr, v in vars(klass).items():
+                if hasattr(v, "__step__"):
+                    steps[attr], owner[attr] = dict(v.__step__), klass.__name__
+                elif attr in steps:  # an override of a step that is not marked
+                    raise TypeError(f"{klass.__name__}.{attr} overrides the step {owner[attr]}.{attr} without "
+                                    f"@step: mark it (@step or @step(read_only=...))")
+        clash = sorted(set(steps) & RESERVED)
+        if clash:
+            raise TypeError(f"{cls.__name__}: {', '.join(clash)} can not be a step (a name the runner or the run "
+                            f"uses: {', '.join(sorted(RESERVED))})")
+        cls.steps = steps
+        cls.read_only = frozenset(n for n, info in steps.items() if info["read_only"])
 
     def __init__(self, cfg):
         self.cfg = cfg

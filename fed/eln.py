@@ -61,7 +61,7 @@ from networks.segmodel import upsample
 from utils.rng import generator, seed_torch
 
 from . import diag
-from .base import PerClient
+from .base import PerClient, step
 from .local_ssl import local_epochs, supervised_pass
 from .lssl import LSSL, fedavg
 from .semifl import IGNORE, masked_ce
@@ -258,7 +258,7 @@ class ELN(LSSL):
         if rnd == 0:  # one starting model for every client: the average of the initial weights
             self.exchange(r, rnd, "start", stage)
         with r.phase("local"):
-            r.clients("local", rnd=rnd, stage=stage)
+            r.clients(self.local, rnd=rnd, stage=stage)
         self.exchange(r, rnd, stage, self.stage(rnd + 1))
 
     def exchange(self, r, rnd: int, stage: str, next_stage: str) -> None:
@@ -266,20 +266,21 @@ class ELN(LSSL):
         up, their average down (with the frozen ELN to a client that needs it for ``next_stage``); in an
         ELN round (mapping server) the server first trains the ELN with the new global model."""
         with r.phase("aggregation"):
-            replies: Dict[int, dict] = r.clients("send_weights", rnd=rnd, stage=stage, next_stage=next_stage)
-            avg = r.server("aggregate", [{k: v for k, v in replies[k].items() if k != "need_eln"}
-                                         for k in sorted(replies)])  # client order: exact
+            replies: Dict[int, dict] = r.clients(self.send_weights, rnd=rnd, stage=stage, next_stage=next_stage)
+            avg = r.server(self.aggregate, [{k: v for k, v in reply.items() if k != "need_eln"}
+                                            for reply in replies.values()])  # client order: exact
         if stage == "eln" and self.cfg.eln.mapping == "server":
             with r.phase("eln"):
-                r.server("train_eln", rnd=rnd)
-        need = [k for k in sorted(replies) if replies[k].get("need_eln")]
+                r.server(self.train_eln, rnd=rnd)
+        need = [k for k, reply in replies.items() if reply.get("need_eln")]
         msg = avg
         if need:
-            eln = r.server("eln_weights")
+            eln = r.server(self.eln_weights)
             msg = PerClient({k: {**avg, **eln} if k in need else avg for k in replies})
         with r.phase("aggregation"):
-            r.clients("receive", msg, rnd=rnd)
+            r.clients(self.receive, msg, rnd=rnd)
 
+    @step(read_only=True)
     def send_weights(self, client, msg, rnd: int, stage: str, next_stage: str) -> dict:
         x, c = client.extra, self.cfg.eln
         out = _prefixed("student", client.model.state_dict())
@@ -296,6 +297,7 @@ class ELN(LSSL):
             out["need_eln"] = 1
         return out
 
+    @step
     def aggregate(self, server, weights: List[dict]) -> dict:
         avg = fedavg(weights)
         server.model.load_state_dict(_part(avg, "student"))
@@ -303,9 +305,11 @@ class ELN(LSSL):
             server.extra["eln"].load_state_dict(_part(avg, "eln"))
         return avg
 
+    @step
     def eln_weights(self, server, msg) -> dict:
         return _prefixed("eln", server.extra["eln"].state_dict())
 
+    @step
     def train_eln(self, party, msg=None, rnd: int = 0) -> None:
         """ELN and aux decoders on D_p with ``party.model``'s predictions (the model itself is not trained)."""
         c = self.cfg.eln
@@ -337,6 +341,7 @@ class ELN(LSSL):
                               **{f"eln_aux{i}_ce": a for i, a in enumerate(aux_ce)},
                               **{f"eln_aux{i}_on": float(g) for i, g in enumerate(gates)})
 
+    @step
     def receive(self, client, avg: dict, rnd: int) -> None:
         """The global model (the client's model and its copy), and whatever else was averaged or sent."""
         x, c = client.extra, self.cfg.eln
@@ -353,6 +358,7 @@ class ELN(LSSL):
                 x["proj"].load_state_dict(_part(avg, "proj"))
                 x["proj_t"].load_state_dict(_part(avg, "proj_t"))
 
+    @step
     def local(self, client, msg, rnd: int, stage: str) -> None:
         x, c = client.extra, self.cfg.eln
         if stage != "ssl":

@@ -32,7 +32,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import Method, PerClient
+from .base import Method, PerClient, step
 from .hetero_local import hetero_local
 
 C = 2  # labels (and logit channels): background, foreground
@@ -99,7 +99,6 @@ class FedDistill(Method):
     sends = {"up": "per-label mean logits (2,2) over the last local training and the labels seen (2,)",
              "down": "the clients' per-label mean logits (2,2) (leave-one-out: the other clients') and "
                      "which labels have one (2,)"}
-    read_only = frozenset({"class_logits"})
 
     def setup(self, party) -> None:
         if party.name != "server":
@@ -115,15 +114,17 @@ class FedDistill(Method):
         teacher = None
         if not warm:
             with r.phase("collaboration"):
-                replies = r.clients("class_logits", rnd=rnd)
-                teacher = r.server("aggregate", {str(k): replies[k] for k in sorted(replies)})
+                replies = r.clients(self.class_logits, rnd=rnd)
+                teacher = r.server(self.aggregate, {str(k): v for k, v in replies.items()})
         with r.phase("local"):
-            r.clients("local", teacher, rnd=rnd, warm=warm)
+            r.clients(self.local, teacher, rnd=rnd, warm=warm)
 
     # --- steps ------------------------------------------------------------------------------------
+    @step(read_only=True)
     def class_logits(self, client, msg, rnd: int) -> dict:
         return class_means(client.extra["fd_sum"], client.extra["fd_count"])
 
+    @step
     def aggregate(self, server, replies: Dict[str, dict]):
         if not replies:
             return None
@@ -134,6 +135,7 @@ class FedDistill(Method):
             return PerClient({k: leave_one_out(means, seen, i) for i, k in enumerate(ks)})
         return global_logits(means, seen)
 
+    @step
     def local(self, client, teacher: Optional[dict], rnd: int, warm: bool) -> None:
         f = self.cfg.feddistill
         self._reset(client)

@@ -25,7 +25,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .base import Method
+from .base import Method, step
 from .hetero_local import hetero_local
 from .public import predict_pass, train_pass
 
@@ -52,30 +52,32 @@ class FedMD(Method):
     sends = {"up": "per-pixel raw logits (N,2,H,W) on the round's public pass (`fedmd.average: probs`: "
                    "softmax probabilities)",
              "down": "the consensus: the clients' mean (N,2,H,W)"}
-    read_only = frozenset({"predict_public"})
 
     def run_round(self, r, rnd: int) -> None:
         warm = self.warm(rnd)
         if not warm:
             with r.phase("collaboration"):
-                replies = r.clients("predict_public", rnd=rnd)
-                agreed = r.server("aggregate", [replies[k]["logits"] for k in sorted(replies)])
-                r.clients("digest", agreed, rnd=rnd)
+                replies = r.clients(self.predict_public, rnd=rnd)
+                agreed = r.server(self.aggregate, [v["logits"] for v in replies.values()])
+                r.clients(self.digest, agreed, rnd=rnd)
         with r.phase("local"):
-            r.clients("local", rnd=rnd, warm=warm)
+            r.clients(self.local, rnd=rnd, warm=warm)
 
     # --- steps ------------------------------------------------------------------------------------
+    @step(read_only=True)
     def predict_public(self, client, msg, rnd: int) -> dict:
         m = self.cfg.fedmd
         dtype = getattr(torch, m.logits_dtype)
         fn = (lambda z: F.softmax(z, dim=1).to(dtype)) if m.average == "probs" else (lambda z: z.to(dtype))
         return {"logits": predict_pass(client, rnd, PHASE, 0, fn)}
 
+    @step
     def aggregate(self, server, maps: List[torch.Tensor]) -> Optional[dict]:
         if not maps:  # every client failed
             return None
         return {"consensus": consensus(maps).to(getattr(torch, self.cfg.fedmd.logits_dtype))}
 
+    @step
     def digest(self, client, msg: Optional[dict], rnd: int) -> None:
         """``fedmd.digest_epochs`` passes over the round's public pass (the same batches each time)."""
         if msg is None:
@@ -85,5 +87,6 @@ class FedMD(Method):
             train_pass(client, rnd, PHASE, 0, msg["consensus"],
                        lambda z, t: digest_loss(z, t, average), tag="digest_l1")
 
+    @step
     def local(self, client, msg, rnd: int, warm: bool) -> None:
         hetero_local(client, rnd, self.cfg, warm)

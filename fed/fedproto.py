@@ -40,7 +40,7 @@ import networks
 from networks.segmodel import feature_channels
 from utils.rng import generator
 
-from .base import Method, one_hot
+from .base import Method, one_hot, step
 from .hetero_local import hetero_local
 
 NUM_CLASSES = 2
@@ -135,7 +135,6 @@ class FedProto(Method):
                    "which classes it saw (2,) bool (fedproto.weighting: counts: pixel counts (2,) int64)",
              "down": "the global prototypes (2, D) float32 and which classes have one (2,) bool"}
     #: uploading reads the kept prototypes only: Flower "query" messages
-    read_only = frozenset({"upload"})
 
     @classmethod
     def check_config(cls, cfg) -> List[str]:
@@ -165,12 +164,13 @@ class FedProto(Method):
         warm, glob = self.warm(rnd), None
         if not warm:
             with r.phase("aggregation"):
-                uploads = r.clients("upload", rnd=rnd)
-                glob = r.server("aggregate", [uploads[k] for k in sorted(uploads) if uploads[k] is not None])
+                uploads = r.clients(self.upload, rnd=rnd)
+                glob = r.server(self.aggregate, [u for u in uploads.values() if u is not None])
         with r.phase("local"):
-            r.clients("local", glob, rnd=rnd, warm=warm)
+            r.clients(self.local, glob, rnd=rnd, warm=warm)
 
     # --- steps ------------------------------------------------------------------------------------
+    @step(read_only=True)
     def upload(self, client, msg, rnd: int) -> Optional[dict]:
         """The prototypes of the client's last local epoch (None before any local epoch)."""
         sums, counts = client.extra["fedproto_sum"], client.extra["fedproto_count"]
@@ -181,9 +181,11 @@ class FedProto(Method):
             return {"proto": proto, "count": counts.round().long().cpu()}
         return {"proto": proto, "present": (counts > 0).cpu()}
 
+    @step
     def aggregate(self, server, uploads: List[dict]) -> Optional[dict]:
         return aggregate_prototypes(uploads, self.cfg.fedproto.weighting)
 
+    @step
     def local(self, client, glob: Optional[dict], rnd: int, warm: bool) -> None:
         client.extra.update(fedproto_sum=None, fedproto_count=None, fedproto_epoch=-1)
         hetero_local(client, rnd, self.cfg, warm, regularizer=self._regularizer(glob), forward_kw={"features": True})

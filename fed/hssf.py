@@ -37,7 +37,7 @@ from networks.segmodel import upsample
 from utils.losses import confidence_loss, kl_loss, structure_loss
 
 from . import diag
-from .base import Method, PerClient, one_hot, pixel_accuracy, rpg_correct
+from .base import Method, PerClient, one_hot, pixel_accuracy, rpg_correct, step
 from .local_ssl import local_epochs
 
 
@@ -136,7 +136,6 @@ class HSSF(Method):
                    "public batches",
              "down": "per pass of Fusion: the server's logits (N,2,H,W) and RPG-corrected grades (N,) "
                      "on the public batches"}
-    read_only = frozenset({"predict_public", "grade_public", "teacher_logits"})
 
     def run_round(self, r, rnd: int) -> None:
         t = self.cfg.train
@@ -147,20 +146,20 @@ class HSSF(Method):
             for e in range(t.condensation_epochs):
                 teacher = None
                 if kl_theta > 0 and h.grades_first:
-                    best = r.clients("grade_public", rnd=rnd, phase="condensation", epoch=e, reduce=fold_teacher)
+                    best = r.clients(self.grade_public, rnd=rnd, phase="condensation", epoch=e, reduce=fold_teacher)
                     if best is not None:
                         asks = teacher_requests(best, h.sample_threshold)
-                        teacher = finish_teacher(r.clients("teacher_logits", asks, rnd=rnd, epoch=e,
+                        teacher = finish_teacher(r.clients(self.teacher_logits, asks, rnd=rnd, epoch=e,
                                                            reduce=place_teacher_rows(best, asks)))
                 elif kl_theta > 0:
-                    teacher = r.clients("predict_public", rnd=rnd, phase="condensation", epoch=e, reduce=fold_teacher)
-                r.server("condense", teacher, rnd=rnd, epoch=e, kl_theta=kl_theta)
+                    teacher = r.clients(self.predict_public, rnd=rnd, phase="condensation", epoch=e, reduce=fold_teacher)
+                r.server(self.condense, teacher, rnd=rnd, epoch=e, kl_theta=kl_theta)
         with r.phase("fusion"):
             for e in range(t.fusion_epochs):
-                guide = r.server("predict_public", rnd=rnd, phase="fusion", epoch=e) if kl_theta > 0 else None
-                r.clients("fuse", guide, rnd=rnd, epoch=e, kl_theta=kl_theta)
+                guide = r.server(self.predict_public, rnd=rnd, phase="fusion", epoch=e) if kl_theta > 0 else None
+                r.clients(self.fuse, guide, rnd=rnd, epoch=e, kl_theta=kl_theta)
         with r.phase("local"):
-            r.clients("local", rnd=rnd, warm=warm)
+            r.clients(self.local, rnd=rnd, warm=warm)
 
     # --- steps ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,15 +185,18 @@ class HSSF(Method):
             else:
                 yield pick + lo, sent[pick], grade[pick]
 
+    @step(read_only=True)
     def predict_public(self, party, msg, rnd: int, phase: str, epoch: int) -> dict:
         """Logits and grade of every sample of one public pass."""
         _, logits, grades = zip(*self._public_outputs(party, rnd, phase, epoch))
         return {"logits": torch.cat(logits), "grade": torch.cat(grades)}
 
+    @step(read_only=True)
     def grade_public(self, party, msg, rnd: int, phase: str, epoch: int) -> dict:
         """Grades first: only the grade of every sample of one public pass."""
         return {"grade": torch.cat([g for _, _, g in self._public_outputs(party, rnd, phase, epoch)])}
 
+    @step(read_only=True)
     def teacher_logits(self, party, rows: Optional[torch.Tensor], rnd: int, epoch: int) -> dict:
         """Grades first: the logits of the Condensation pass's ``rows`` (ascending) that the server
         asked for, in that order."""
@@ -203,6 +205,7 @@ class HSSF(Method):
             return {"logits": torch.zeros((0,), dtype=getattr(torch, self.cfg.hssf.logits_dtype))}
         return {"logits": torch.cat([logits for _, logits, _ in got])}
 
+    @step
     def condense(self, server, teacher: Optional[dict], rnd: int, epoch: int, kl_theta: float) -> None:
         """One pass of Regularity Condensation on the server; then its scheduler steps."""
         h = self.cfg.hssf
@@ -232,6 +235,7 @@ class HSSF(Method):
             diag.log(server, diag.sa_calibration, p_g, c_g, y)
         server.scheduler.step()
 
+    @step
     def fuse(self, client, guide: Optional[dict], rnd: int, epoch: int, kl_theta: float) -> None:
         """One pass of Regularity Fusion on a client."""
         h = self.cfg.hssf
@@ -254,5 +258,6 @@ class HSSF(Method):
             client.log.add(**terms)
             diag.log(client, diag.sa_calibration, p_k, out["confidence"], y)
 
+    @step
     def local(self, client, msg, rnd: int, warm: bool) -> None:
         local_epochs(client, rnd, self.cfg, labeled="labeled", unlabeled=not warm)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from utils.config import Config
 
-from .base import Method, PerClient
+from .base import Method, PerClient, step
 from .hetero_local import hetero_local
 from .public import predict_pass, train_pass
 
@@ -135,7 +135,6 @@ class KTpFL(Method):
     name = "ktpfl"
     sends = {"up": "soft predictions softmax(logits/T) (N,2,H,W) on the round's public pass",
              "down": "the client's personalised target sum_m c_nm s_m (N,2,H,W)"}
-    read_only = frozenset({"predict_public"})
 
     def setup(self, party) -> None:
         if party.name == "server":
@@ -146,18 +145,20 @@ class KTpFL(Method):
         warm = self.warm(rnd)
         if not warm:
             with r.phase("collaboration"):
-                replies = r.clients("predict_public", rnd=rnd)
-                targets = r.server("transfer", {str(k): replies[k]["soft"] for k in sorted(replies)})
-                r.clients("distill", targets, rnd=rnd)
+                replies = r.clients(self.predict_public, rnd=rnd)
+                targets = r.server(self.transfer, {str(k): v["soft"] for k, v in replies.items()})
+                r.clients(self.distill, targets, rnd=rnd)
         with r.phase("local"):
-            r.clients("local", rnd=rnd, warm=warm)
+            r.clients(self.local, rnd=rnd, warm=warm)
 
     # --- steps ------------------------------------------------------------------------------------
+    @step(read_only=True)
     def predict_public(self, client, msg, rnd: int) -> dict:
         k = self.cfg.ktpfl
         dtype = getattr(torch, k.soft_dtype)
         return {"soft": predict_pass(client, rnd, PHASE, 0, lambda z: F.softmax(z / k.temperature, dim=1).to(dtype))}
 
+    @step
     def transfer(self, server, soft: Dict[str, torch.Tensor]) -> PerClient:
         """Update ``c`` on the clients that replied (``{index: s_k}``); their personalised targets."""
         if not soft:
@@ -174,6 +175,7 @@ class KTpFL(Method):
             server.log.add(**{f"c_self{k}": sub[i, i]})
         return PerClient({k: {"target": t.to(dtype)} for k, t in zip(ks, targets)})
 
+    @step
     def distill(self, client, msg: Optional[dict], rnd: int) -> None:
         if msg is None:
             return
@@ -181,6 +183,7 @@ class KTpFL(Method):
         for _ in range(self.cfg.ktpfl.distill_epochs):
             train_pass(client, rnd, PHASE, 0, msg["target"], lambda z, t: distill_loss(z, t, T), tag="distill_kl")
 
+    @step
     def local(self, client, msg, rnd: int, warm: bool) -> None:
         t = self.cfg.train
         epochs = ramp_epochs(rnd, t.warmup_rounds, self.cfg.ktpfl.local_ramp, t.local_epochs)

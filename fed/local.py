@@ -7,7 +7,7 @@ exchanged; the server model is not trained.
 """
 from __future__ import annotations
 
-from .base import Method
+from .base import Method, step
 from .local_ssl import local_epochs
 
 
@@ -17,7 +17,8 @@ class Local(Method):
 
     def run_round(self, r, rnd: int) -> None:
         with r.phase("local"):
-            r.clients("local", rnd=rnd)
+            r.clients(self.local, rnd=rnd)
 
+    @step
     def local(self, client, msg, rnd: int) -> None:
         local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=True)

@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import torch
 
-from .base import Method
+from .base import Method, step
 from .local_ssl import supervised_pass, unlabeled_pass
 
 
@@ -50,7 +50,6 @@ class LSSL(Method):
     sends = {"up": "model weights (every state-dict entry) after the local training (round 0: the initial "
                    "weights too, first)",
              "down": "the averaged global weights"}
-    read_only = frozenset({"send_weights"})
 
     @classmethod
     def check_config(cls, cfg):
@@ -65,20 +64,22 @@ class LSSL(Method):
             with r.phase("aggregation"):
                 self.exchange(r, rnd, start=True)
         with r.phase("local"):
-            r.clients("local", rnd=rnd, warm=self.warm(rnd))
+            r.clients(self.local, rnd=rnd, warm=self.warm(rnd))
         with r.phase("aggregation"):
             self.exchange(r, rnd)
 
     def exchange(self, r, rnd: int, start: bool = False) -> None:
         """Weights up, their average down: the clients' models (``start``: the initial ones, before round
         0's local training) become the global model that every client loads."""
-        replies: Dict[int, dict] = r.clients("send_weights", rnd=rnd, start=start)
-        avg = r.server("aggregate", [replies[k] for k in sorted(replies)])  # client order: exact
-        r.clients("receive", avg, rnd=rnd)
+        replies: Dict[int, dict] = r.clients(self.send_weights, rnd=rnd, start=start)
+        avg = r.server(self.aggregate, list(replies.values()))  # client order: exact
+        r.clients(self.receive, avg, rnd=rnd)
 
+    @step(read_only=True)
     def send_weights(self, client, msg, rnd: int, start: bool = False) -> dict:
         return {k: v.detach().clone() for k, v in client.model.state_dict().items()}
 
+    @step
     def aggregate(self, server, weights: List[dict]) -> dict:
         avg = fedavg(weights)
         server.model.load_state_dict(avg)
@@ -88,11 +89,13 @@ class LSSL(Method):
         if party.name != "server":
             party.extra["global"] = copy.deepcopy(party.model)  # the global model this client received
 
+    @step
     def receive(self, client, avg: dict, rnd: int) -> None:
         """Load the global model: the client's model (its next round starts from it) and its copy."""
         client.model.load_state_dict(avg)
         client.extra["global"].load_state_dict(avg)
 
+    @step
     def local(self, client, msg, rnd: int, warm: bool) -> None:
         self.local_epochs(client, rnd, warm)
 

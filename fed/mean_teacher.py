@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from utils.rng import clamped_noise
 
 from . import diag
+from .base import step
 from .lssl import LSSL, fedavg
 
 
@@ -115,6 +116,7 @@ class MeanTeacher(LSSL):
             party.extra["teacher"] = teacher
             party.extra["mt_step"] = 0  # this client's unlabeled steps so far (the ramp's and EMA's clock)
 
+    @step(read_only=True)
     def send_weights(self, client, msg, rnd: int, start: bool = False) -> dict:
         student = super().send_weights(client, msg, rnd)
         if not self._teacher_fedavg():
@@ -124,6 +126,7 @@ class MeanTeacher(LSSL):
         teacher = {k: p.detach().clone() for k, p in client.extra["teacher"].named_parameters()}
         return {"student": student, "teacher": teacher}
 
+    @step
     def aggregate(self, server, weights: List[dict]) -> dict:
         if not self._teacher_fedavg():
             return super().aggregate(server, weights)
@@ -132,6 +135,7 @@ class MeanTeacher(LSSL):
             avg["teacher"] = fedavg([w["teacher"] for w in weights])
         return avg
 
+    @step
     def receive(self, client, avg: dict, rnd: int) -> None:
         teacher = client.extra["teacher"]
         if self._teacher_fedavg():

@@ -8,6 +8,7 @@ self-training. Set ``train.local_epochs`` to give it another labeled budget (e.g
 """
 from __future__ import annotations
 
+from .base import step
 from .local import Local
 from .local_ssl import local_epochs
 
@@ -17,5 +18,6 @@ class PublicOnly(Local):
 
     name = "public_only"
 
+    @step
     def local(self, client, msg, rnd: int) -> None:
         local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=False)

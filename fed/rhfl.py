@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from utils.rng import clamped_noise, seed_torch
 
-from .base import Method, PerClient, one_hot
+from .base import Method, PerClient, one_hot, step
 from .hetero_local import confident_labels, hetero_local
 from .party import PUBLIC
 
@@ -134,8 +134,6 @@ class RHFL(Method):
                    "batch: its softmax map (B,2,H,W) float32",
              "down": "per public batch: the other clients' softmax maps (K-1,B,2,H,W) float32 and their "
                      "CCR weights (K-1,) float32"}
-    #: the soft maps leave the party as it was (BatchNorm statistics restored): Flower "query" messages
-    read_only = frozenset({"soft_maps"})
 
     @classmethod
     def check_config(cls, cfg) -> List[str]:
@@ -147,22 +145,23 @@ class RHFL(Method):
         warm = self.warm(rnd)
         if not warm:
             with r.phase(COLLAB):
-                losses = r.clients("ccr_loss", rnd=rnd)
-                weights = r.server("ccr", {k: v["loss"] for k, v in losses.items() if v is not None})
-                batches = r.server("public_len")
+                losses = r.clients(self.ccr_loss, rnd=rnd)
+                weights = r.server(self.ccr, {k: v["loss"] for k, v in losses.items() if v is not None})
+                batches = r.server(self.public_len)
                 for e in range(self.cfg.rhfl.collab_epochs):
                     for b in range(batches):
-                        maps = r.clients("soft_maps", rnd=rnd, epoch=e, batch=b)
-                        relay = r.server("relay", {"maps": maps, "weights": weights})
-                        r.clients("collaborate", relay, rnd=rnd, epoch=e, batch=b)
+                        maps = r.clients(self.soft_maps, rnd=rnd, epoch=e, batch=b)
+                        relay = r.server(self.relay, {"maps": maps, "weights": weights})
+                        r.clients(self.collaborate, relay, rnd=rnd, epoch=e, batch=b)
         with r.phase("local"):
-            r.clients("local", rnd=rnd, warm=warm)
+            r.clients(self.local, rnd=rnd, warm=warm)
 
     def _sce(self):
         h = self.cfg.rhfl
         return functools.partial(masked_sce, alpha=h.sce_alpha, beta=h.sce_beta)
 
     # --- CCR --------------------------------------------------------------------------------------
+    @step
     @torch.no_grad()
     def ccr_loss(self, client, msg, rnd: int) -> Optional[dict]:
         """Mean SCE per pseudo-labelled pixel over one pass of the client's unlabeled batches, forward
@@ -181,6 +180,7 @@ class RHFL(Method):
             client.log.add(ccr_loss=loss)
         return {"loss": loss}
 
+    @step
     def ccr(self, server, losses: Dict[int, float]) -> Dict[int, float]:
         """The CCR weight of every client that sent its loss; the losses kept for the next round."""
         ks = sorted(losses)
@@ -194,9 +194,11 @@ class RHFL(Method):
         return {k: float(v) for k, v in zip(ks, w)}
 
     # --- collaborative learning ---------------------------------------------------------------------
+    @step
     def public_len(self, server, msg) -> int:
         return len(server.loaders["public"])
 
+    @step(read_only=True)  # leaves the party as it was (BatchNorm statistics restored)
     @torch.no_grad()
     def soft_maps(self, client, msg, rnd: int, epoch: int, batch: int) -> dict:
         x, _ = public_batch(client, rnd, COLLAB, epoch, batch)
@@ -204,6 +206,7 @@ class RHFL(Method):
         with buffers_kept(client.model):
             return {"p": F.softmax(client.forward(x)["mask"].float(), dim=1)}
 
+    @step
     def relay(self, server, msg: dict) -> PerClient:
         """To each client that sent a map: the others' maps and CCR weights, in client order."""
         maps, weights = msg["maps"], msg["weights"]
@@ -216,6 +219,7 @@ class RHFL(Method):
                           "weights": torch.tensor([weights.get(j, 0.0) for j in js], dtype=torch.float32)}
         return out
 
+    @step
     def collaborate(self, client, msg: Optional[dict], rnd: int, epoch: int, batch: int) -> None:
         if msg is None:
             return
@@ -236,5 +240,6 @@ class RHFL(Method):
         client.log.add(col_kl=kl)
 
     # --- local learning -----------------------------------------------------------------------------
+    @step
     def local(self, client, msg, rnd: int, warm: bool) -> None:
         hetero_local(client, rnd, self.cfg, warm, loss=self._sce())

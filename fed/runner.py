@@ -3,14 +3,16 @@
 A method (``fed/hssf.py``...) writes its round as a protocol, against this interface only::
 
     with r.phase("condensation"):
-        teacher = r.clients("predict_public", rnd=rnd, phase="condensation", epoch=e, reduce=fold)
-        r.server("condense", teacher, rnd=rnd, epoch=e)
+        teacher = r.clients(self.predict_public, rnd=rnd, phase="condensation", epoch=e, reduce=fold)
+        r.server(self.condense, teacher, rnd=rnd, epoch=e)
 
-``r.clients(step, msg, **kw)`` runs ``method.step(client, msg, **kw)`` on every active client and
-returns ``{k: reply}`` (or folds each reply into ``reduce(acc, k, reply)`` as it arrives, in any
-order); a :class:`PerClient` message gives each client its own part. ``r.server(step, msg, **kw)`` runs ``method.step(server, msg, **kw)``. A step sees only its own
-party and the message; a message is plain data (tensors, numbers, small dicts). Every message to and
-from a client is counted (bytes down and up per client) and every phase is timed.
+``r.clients(self.step, msg, **kw)`` runs the step (a ``@step`` of the method) on every active client,
+``step(client, msg, **kw)``, and returns ``{index: reply}`` in client order (or folds each reply into
+``reduce(acc, k, reply)`` as it arrives, in any order); a :class:`PerClient` message gives each client
+its own part. ``r.server(self.step, msg, **kw)`` runs it on the server. What crosses to a worker process
+or a site is the step's name. A step sees only its own party and the message; a message is plain data
+(tensors, numbers, small dicts). Every message to and from a client is counted (bytes down and up per
+client) and every phase is timed.
 
 :class:`Runner` keeps all parties in this process (clients run one after another, in index order or,
 ``order="reverse"``, backwards); with ``train.client_workers: N`` the clients live in ``N`` worker
@@ -89,14 +91,27 @@ def make_party(cfg, amp: Amp, name: str, arch: str, items: Dict[str, list], publ
     return party
 
 
+def step_name(method, step) -> str:
+    """The name that stands for ``step`` (a bound ``@step`` of ``method``) on the wire."""
+    name = getattr(step, "__name__", None)
+    if not callable(step) or getattr(step, "__self__", None) is None or name not in type(method).steps:
+        raise TypeError(f"{type(method).__name__}: {step!r} is not one of its steps ({', '.join(type(method).steps)}); "
+                        f"pass the bound method, e.g. r.clients(self.local, ...)")
+    return name
+
+
 def call(method, party: Party, step: str, msg, kw: dict):
-    """Run ``step`` on ``party``: a method step ``method.step(party, msg, **kw)`` or a party call."""
+    """Run the step named ``step`` on ``party``: a method step ``method.step(party, msg, **kw)`` or a
+    party call (:data:`PARTY_CALLS`); any other name is refused."""
     if step == "evaluate":  # the method says which model a client scores (lssl: the global one)
         return party.evaluate(method.eval_model(party), **kw)
     if step == "test_weights":  # the final test: the message is the weights to score
         return party.test_weights(msg, **kw)
     if step in PARTY_CALLS:
         return getattr(party, step)(**kw)
+    if step not in type(method).steps:
+        raise KeyError(f"{step!r} is neither a step of {type(method).__name__} ({', '.join(type(method).steps)}) "
+                       f"nor a party call ({', '.join(PARTY_CALLS)})")
     return getattr(method, step)(party, msg, **kw)
 
 
@@ -144,10 +159,11 @@ class Runner:
         names = [n for n in self.names if n not in self.skipped]
         return names[::-1] if self.order == "reverse" else names
 
-    def clients(self, step: str, msg=None, reduce: Optional[Callable] = None, **kw):
-        """Run ``step`` on every active client; ``{index: reply}``, or the fold of ``reduce``."""
+    def clients(self, step: Callable, msg=None, reduce: Optional[Callable] = None, **kw):
+        """Run ``step`` (a bound ``@step``) on every active client; ``{index: reply}`` in client order,
+        or the fold of ``reduce``."""
         acc, replies = None, {}
-        for name, reply in self._calls(self.active(), step, msg, kw):
+        for name, reply in self._calls(self.active(), step_name(self.method, step), msg, kw):
             k = self.names.index(name)
             self.bytes[name]["down"] += nbytes(for_client(msg, k))
             self.bytes[name]["up"] += nbytes(reply)
@@ -155,10 +171,11 @@ class Runner:
                 acc = reduce(acc, k, reply)
             else:
                 replies[k] = reply
-        return acc if reduce is not None else replies
+        return acc if reduce is not None else dict(sorted(replies.items()))
 
-    def server(self, step: str, msg=None, **kw):
-        return call(self.method, self.server_party, step, msg, kw)
+    def server(self, step: Callable, msg=None, **kw):
+        """Run ``step`` (a bound ``@step``) on the server; its reply."""
+        return call(self.method, self.server_party, step_name(self.method, step), msg, kw)
 
     @contextlib.contextmanager
     def phase(self, name: str):

@@ -52,6 +52,7 @@ from utils.rng import derive_seed
 
 from . import diag
 from .local_ssl import supervised_pass
+from .base import step
 from .lssl import LSSL, fedavg
 
 IGNORE = -1
@@ -122,7 +123,6 @@ def recompute_bn(party, which: str, rnd: int) -> None:
 class SemiFL(LSSL):
     name = "semifl"
     shared_model = True
-    read_only = frozenset()  # every client step here changes the client (no send_weights step)
     sends = {"up": "model weights (every state-dict entry), once per round after local training",
              "down": "the next global model (every state-dict entry), once per round after the server's "
                      "fine-tuning (and once before round 0 when there is no warm-up)"}
@@ -131,18 +131,19 @@ class SemiFL(LSSL):
         warm = self.warm(rnd)
         if rnd == 0 and not warm:
             with r.phase("broadcast"):
-                r.clients("receive", r.server("broadcast", rnd=rnd, sbn=False))
+                r.clients(self.receive, r.server(self.broadcast, rnd=rnd, sbn=False))
         if not warm:
             with r.phase("local"):
-                replies = r.clients("local", rnd=rnd)
+                replies = r.clients(self.local, rnd=rnd)
             with r.phase("aggregation"):
-                r.server("aggregate", [replies[k] for k in sorted(replies)])  # client order: exact
+                r.server(self.aggregate, list(replies.values()))  # client order: exact
         with r.phase("finetune"):
-            r.server("finetune", rnd=rnd)
+            r.server(self.finetune, rnd=rnd)
         with r.phase("broadcast"):
-            r.clients("receive", r.server("broadcast", rnd=rnd, sbn=self.cfg.semifl.sbn))
+            r.clients(self.receive, r.server(self.broadcast, rnd=rnd, sbn=self.cfg.semifl.sbn))
 
     # --- server ---------------------------------------------------------------------------------
+    @step
     def aggregate(self, server, weights: List[dict]) -> None:
         s = self.cfg.semifl
         avg = fedavg(weights)
@@ -153,21 +154,25 @@ class SemiFL(LSSL):
         server.extra["momentum"] = buf
         server.model.load_state_dict({k: new.get(k, avg[k]) for k in state})
 
+    @step
     def finetune(self, server, msg, rnd: int) -> None:
         for e in range(self.cfg.semifl.server_epochs):
             supervised_pass(server, "public", rnd, "finetune", e, self.cfg.hssf, clip=self.cfg.semifl.clip)  # Server.train clips too
         server.scheduler.step()
 
+    @step
     def broadcast(self, server, msg, rnd: int, sbn: bool) -> dict:
         if sbn:
             recompute_bn(server, "public", rnd)
         return {k: v.detach().clone() for k, v in server.model.state_dict().items()}
 
     # --- clients --------------------------------------------------------------------------------
+    @step
     def receive(self, client, weights: dict) -> None:
         client.model.load_state_dict(weights)  # the client's checkpoints hold the global model too
         client.extra["global"].load_state_dict(weights)
 
+    @step
     def local(self, client, msg, rnd: int) -> dict:
         s = self.cfg.semifl
         labeller = client.extra["global"]

@@ -133,7 +133,7 @@ def test_a_site_continues_from_its_disk_in_a_fresh_process_for_every_message(tmp
     sites = tmp_path / "sites"
     S.write_node(sites / "client0", "A", "tiny", cfg.data.root)
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    guide = ref.server("predict_public", rnd=0, phase="fusion", epoch=0)
+    guide = ref.server(ref.method.predict_public, rnd=0, phase="fusion", epoch=0)
     steps = [("begin_round", None, {"keep": True}), ("predict_public", None, {"rnd": 0, "phase": "condensation", "epoch": 0}),
              ("fuse", guide, {"rnd": 0, "epoch": 0, "kl_theta": 10.0}), ("local", None, {"rnd": 0, "warm": False}),
              ("end_round", None, {}), ("evaluate", None, {"split": "val"}), ("weights", None, {}),

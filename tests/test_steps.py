@@ -1,0 +1,100 @@
+"""Steps are a method's own ``@step`` functions: names checked when the class is defined, protocols
+that pass bound methods, and ``read_only`` derived from the marks and true of every step so marked."""
+import pytest
+import torch
+
+import fed
+import fed.runner
+from conftest import run_tiny
+from fed.base import RESERVED, Method, step
+from fed.runner import PARTY_CALLS, call, step_name
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_reserved_names_are_refused_when_the_class_is_defined():
+    for name in ("evaluate", "weights", "setup", "run_round"):
+        with pytest.raises(TypeError, match=f"{name} can not be a step"):
+            type("Bad", (Method,), {name: step(lambda self, party, msg: None)})
+    assert set(PARTY_CALLS) <= RESERVED
+
+
+def test_an_unmarked_override_of_a_step_is_refused():
+    class A(Method):
+        @step(read_only=True)
+        def ask(self, party, msg):
+            return 1
+
+    with pytest.raises(TypeError, match=r"B.ask overrides the step A.ask without @step"):
+        class B(A):  # noqa: F841
+            def ask(self, party, msg):
+                return 2
+
+    class C(A):
+        @step
+        def ask(self, party, msg):
+            return 3
+
+    assert A.read_only == {"ask"} and C.steps == {"ask": {"read_only": False}} and C.read_only == frozenset()
+
+
+def test_read_only_is_derived_from_the_marks():
+    assert fed.METHODS["hssf"].read_only == {"predict_public", "grade_public", "teacher_logits"}
+    assert fed.METHODS["lssl"].read_only == {"send_weights"}
+    assert fed.METHODS["local"].read_only == frozenset()
+    for m in fed.METHODS.values():
+        assert m.read_only <= set(m.steps) and not set(m.steps) & RESERVED, m.name
+        assert "local" in m.steps, m.name
+
+
+def test_protocols_pass_steps_not_strings():
+    m = fed.METHODS["hssf"](fed.load_config(None))
+    assert step_name(m, m.fuse) == "fuse"
+    for bad in ("fuse", m.run_round, fed.METHODS["lssl"](m.cfg).receive, print):
+        with pytest.raises(TypeError, match="is not one of its steps"):
+            step_name(m, bad)
+    with pytest.raises(KeyError, match="neither a step of HSSF"):
+        call(m, object(), "__init__", None, {})
+
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+#: variant -> (overrides, the read-only steps it runs)
+VARIANTS = {
+    "hssf": ([], {"predict_public"}), "hssf_grades_first": (["hssf.grades_first=true"], {"grade_public", "teacher_logits", "predict_public"}),
+    "lssl": (["method=lssl"], {"send_weights"}), "mean_teacher": (["method=mean_teacher"], {"send_weights"}),
+    "eln": (["method=eln", "eln.eln_rounds=1"], {"send_weights"}), "fedmd": (["method=fedmd"], {"predict_public"}),
+    "ktpfl": (["method=ktpfl"], {"predict_public"}), "feddistill": (["method=feddistill"], {"class_logits"}),
+    "fedproto": (["method=fedproto"], {"upload"}), "rhfl": (["method=rhfl"], {"soft_maps"}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_read_only_steps_change_nothing_on_their_party(tmp_path, monkeypatch, variant):
+    """Every call of a read-only step in a real run (3 rounds, 1 warm-up) leaves its party's whole
+    state (model, optimizer, schedule, scaler, the method's extra state) as it found it: a Flower
+    "query" may be answered by any copy of the site and is not committed."""
+    real, seen = fed.runner.call, set()
+
+    def checked(method, party, name, msg, kw):
+        if name not in type(method).read_only:
+            return real(method, party, name, msg, kw)
+        before = {k: v for k, v in party.state_dict().items()}
+        before = torch.utils._pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, before)
+        out = real(method, party, name, msg, kw)
+        assert _same(before, party.state_dict()), f"{method.name}.{name} changed {party.name}"
+        seen.add(name)
+        return out
+
+    monkeypatch.setattr(fed.runner, "call", checked)
+    overrides, expected = VARIANTS[variant]
+    run_tiny(tmp_path, variant, *overrides, "train.rounds=3")
+    assert seen == expected
