@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quick all-methods smoke comparison (README): every method of the paper's comparison on the lite
+# The quick all-methods smoke comparison (docs/results.md): every method of the paper's comparison on the lite
 # polyp federation with one budget, one seed (the evidence is the seeded study: python -m bench.study)
 # (configs/compare_lite.yaml), one after another, then the table (test.py --compare).
 # Usage: bash bench/compare_lite.sh [method ...]   (default: all)

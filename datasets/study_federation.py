@@ -1,9 +1,9 @@
 """Build the study federation: a labeled public set from one polyp site, clients on disjoint parts of another.
 
-The seeded study (``bench/study.py``, README "The study") needs a setting in which a model trained on
+The seeded study (``bench/study.py``, docs/results.md "The study") needs a setting in which a model trained on
 the public set alone clearly beats a model that marks every pixel as polyp. The lite federation's 40
 mixed public images do not give that; EndoTect 2020 (200 labeled polyp images) as the public set and
-Kvasir-SEG split into disjoint clients does (README "Choosing the study's scale" has the numbers).
+Kvasir-SEG split into disjoint clients does (docs/results.md "Choosing the study's scale" has the numbers).
 
 From sites in the layout of :mod:`datasets.prepare` (``<src>/<site>/{image,mask}/``; e.g.
 ``python -m datasets.prepare kvasir --src kvasir-seg --out data`` gives ``data/polyp/Kvasir``, and the

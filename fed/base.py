@@ -102,7 +102,7 @@ class Method:
     shared_model = False
     #: False when the method ignores ``train.warmup_rounds`` (no round is logged as warm-up).
     uses_warmup = True
-    #: what crosses between the parties, in words (README, logs)
+    #: what crosses between the parties, in words (docs, logs)
     sends = {"up": "nothing", "down": "nothing"}
     #: the method's steps, name -> {"read_only": bool}: collected from ``@step`` when the class is defined
     steps: dict = {}

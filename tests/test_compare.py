@@ -183,7 +183,7 @@ def test_a_committed_log_without_per_image_rows_is_refused_by_name():
 
 
 def test_the_committed_comparison_table_is_made_from_the_committed_logs():
-    """README "Comparison on the lite federation": the same numbers again from logs/compare_lite; the
+    """docs/results.md "Comparison on the lite federation": the same numbers again from logs/compare_lite; the
     run with the exact exchange reductions equals HSSF on every test image (p = 1)."""
     import csv
 

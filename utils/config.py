@@ -1,7 +1,7 @@
 """Experiment configuration: YAML file + ``--set key.sub=value`` overrides, validated up front.
 
 :data:`SCHEMA` is the single source of truth: every key, its default, its type and what it means.
-``python -m utils.config`` prints it as the Markdown table of the README. An unknown or mistyped key
+``python -m utils.config`` prints it as the Markdown table of docs/configuration.md. An unknown or mistyped key
 is an error that lists the valid keys; so is a value of the wrong type.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ SCHEMA: Dict[str, Any] = {
     "method": Key("hssf", str, "Federated method: `hssf`, `lssl` (FedAvg + local SSL, homogeneous), "
                   "`local` (no collaboration), `public_only` (each client on the public set alone: the floor); the paper's baselines `mean_teacher`, `fixmatch`, `unimatch`, "
                   "`eln`, `semifl` (homogeneous) and `fedmd`, `ktpfl`, `feddistill`, `fedproto`, `rhfl` "
-                  "(heterogeneous). See `fed/` and README \"Baselines\"."),
+                  "(heterogeneous). See `fed/` and docs/baselines.md."),
     "seed": Key(42, int, "Seeds data splits, augmentation, noise, dropout and initialisation."),
     "device": Key("auto", str, "`auto` (CUDA if available, else CPU), `cpu`, `cuda`, `cuda:N`.",
                   check=_device),
@@ -116,7 +116,7 @@ SCHEMA: Dict[str, Any] = {
                                "so its geometric draw (shared by its weak and strong views and mask), "
                                "RandAugment draw and cutout are one of 42. The data order is the same in both; "
                                "public-set noise is unaffected. Both are offered; the default is decided by a "
-                               "measurement reported in the README (\"Differences from the official code\").",
+                               "measurement reported in docs/reproducing.md (\"Differences from the official code\").",
                                choices=["free", "official"]),
         "cache": Key(True, bool, "Keep resized images in memory (read each file once)."),
         "verify": Key(True, bool, "Check every file of the run before training (`python -m "
