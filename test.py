@@ -71,7 +71,7 @@ def main(argv=None):
         ap.error(f"the following arguments are required: {', '.join(missing)} (or compare runs with --compare)")
 
     from datasets.federation import DataError
-    from fed.report import evaluate_checkpoints, format_table
+    from fed.core.report import evaluate_checkpoints, format_table
     from utils.checkpoint import CheckpointError
     from fed import load_config
     from utils.config import ConfigError

@@ -47,7 +47,7 @@ def main(argv=None):
     a = parse_args(argv)
 
     from datasets.federation import DataError
-    from fed.run import RunDirError, train
+    from fed.core.run import RunDirError, train
     from utils.checkpoint import CheckpointError
     from fed import load_config
     from utils.config import ConfigError

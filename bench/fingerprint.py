@@ -44,7 +44,7 @@ def fingerprint(name: str, extra, tmp: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import run_records, tiny_overrides
     from fed import load_config
-    from fed.run import train
+    from fed.core.run import train
 
     cfg = load_config(None, tiny_overrides(tmp, name, "train.warmup_rounds=1", *extra, rounds=3))
     res = train(cfg, progress=False)

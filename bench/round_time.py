@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from datasets.federation import load_federation  # noqa: E402
 from fed import load_config  # noqa: E402
-from fed.run import evaluate_split  # noqa: E402
-from fed.runner import make_runner  # noqa: E402
+from fed.core.run import evaluate_split  # noqa: E402
+from fed.core.runner import make_runner  # noqa: E402
 
 
 def _sync(dev):
@@ -90,7 +90,7 @@ def bench(cfg, rounds: int = 1, floor: bool = False) -> dict:
 def _floor(runner, rnd: int, dev) -> dict:
     """The round's floor: the same passes replayed back to back on batches already on the device
     (recorded during one round: no loading, augmentation, collation or noise)."""
-    from fed.party import Party
+    from fed.core.party import Party
 
     real, cache = Party.batches, {}
 

@@ -216,7 +216,7 @@ def floor_row(study: dict, cfg) -> Path:
 
     from datasets.dataset import load_pair
     from datasets.federation import load_federation
-    from fed.report import write_report
+    from fed.core.report import write_report
     from utils.metrics import ScoreBook, batch_scores, hd95
 
     d = study["logs"] / FLOOR / "s0"

@@ -26,7 +26,7 @@ class DataError(ValueError):
 @dataclass
 class FederationFiles:
     """The resolved file lists of a federation (what each party will read); the parties themselves are
-    :mod:`fed.runner`'s."""
+    :mod:`fed.core.runner`'s."""
 
     public: List[Item]
     #: per client: labeled_train/unlabeled_train/val_list/test_list; None for a client whose site was not read

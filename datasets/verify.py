@@ -413,8 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from fed import load_config
-    from utils.config import ConfigError
+    from utils.config import ConfigError, load_config
 
     args = build_parser().parse_args(argv)
     try:

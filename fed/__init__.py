@@ -1,33 +1,24 @@
-"""Federated learning as a protocol: parties (``party.py``), methods (one file each), the runner that
-carries their messages (``runner.py``) and the training run (``run.py``).
+"""Federated learning as a protocol.
 
-Adding a method = one file with a :class:`fed.base.Method` subclass + one line in ``METHODS``.
+- ``fed/core/``: the method contract (``method.py``: :class:`~fed.core.method.Method`, ``@step``), a party
+  (``party.py``), the runner that carries the messages (``runner.py``), the training run (``run.py``),
+  scoring and reports, the registry of methods.
+- ``fed/common/``: what several methods share (HSSF's local step, the baselines' local step, public-set
+  passes, diagnostics).
+- ``fed/methods/``: one file per method; each registers itself.
+- ``fed/flower/``: the same protocol over Flower (codec, sites, simulation and deployment).
+
+Imports run one way: ``methods`` -> ``common`` -> ``core`` (and ``flower`` -> ``core``); ``datasets/``,
+``networks/`` and ``utils/`` import nothing of ``fed``.
 """
-from .hssf import HSSF
-from .local import Local
-from .public_only import PublicOnly
-from .lssl import LSSL
-from .mean_teacher import MeanTeacher
-from .fixmatch import FixMatch
-from .unimatch import UniMatch
-from .eln import ELN
-from .semifl import SemiFL
-from .fedmd import FedMD
-from .ktpfl import KTpFL
-from .feddistill import FedDistill
-from .fedproto import FedProto
-from .rhfl import RHFL
-
-METHODS = {m.name: m for m in (HSSF, LSSL, Local,  # the official code's three
-                               PublicOnly,  # the floor: each client on the public set alone
-                               MeanTeacher, FixMatch, UniMatch, ELN, SemiFL,  # homogeneous baselines
-                               FedMD, KTpFL, FedDistill, FedProto, RHFL)}  # heterogeneous baselines
+from fed.core.registry import METHODS, register  # noqa: F401
+import fed.methods  # noqa: F401,E402  (registers every method)
 
 
 def check_config(cfg) -> list:
     """The method exists and accepts the configuration."""
     if cfg.method not in METHODS:
-        return [f"method: {cfg.method!r} is not one of {', '.join(METHODS)}"]
+        return [f"method: {cfg.method!r} is not one of {', '.join(sorted(METHODS))}"]
     return METHODS[cfg.method].check_config(cfg)
 
 

@@ -37,9 +37,9 @@ WIRE_KEYS = ("wire_up", "wire_down", "ctl_up", "ctl_down")
 
 
 def run_tiny(tmp_path, name, *extra, **kw):
-    """Train the tiny federation (1 warm-up round) with ``extra`` overrides; ``kw`` go to ``fed.run.train``."""
+    """Train the tiny federation (1 warm-up round) with ``extra`` overrides; ``kw`` go to ``fed.core.run.train``."""
     from fed import load_config
-    from fed.run import train
+    from fed.core.run import train
 
     cfg = load_config(None, tiny_overrides(tmp_path, name, "train.warmup_rounds=1", *extra))
     return cfg, train(cfg, progress=False, **kw)

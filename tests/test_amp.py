@@ -2,8 +2,8 @@
 import torch
 
 import networks
-from fed.party import Party
-from fed.base import one_hot
+from fed.core.party import Party
+from fed.common.labels import one_hot
 from utils.config import load_config
 from utils.device import Amp
 from utils.losses import confidence_loss, structure_loss
@@ -38,7 +38,7 @@ def test_amp_settings_per_device():
 def test_scoring_runs_in_fp32_even_with_amp():
     """Validation and test scores are computed without autocast, as the official code (AMP is for
     training only)."""
-    from fed.evaluate import score_model
+    from fed.core.evaluate import score_model
     from utils.metrics import ScoreBook
 
     seen = []

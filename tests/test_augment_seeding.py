@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 import datasets.dataset as dataset_module
 from datasets.dataset import SegDataset
 from datasets.sampler import OFFICIAL_SEED_VALUES, KeyedSampler
-from fed.party import build_loader
+from fed.core.party import build_loader
 from utils.config import ConfigError, load_config
 from utils.rng import derive_seed
 

@@ -62,7 +62,7 @@ def test_cross_checks():
         load_config(None, ["train.rounds=3", "train.warmup_rounds=5"])
     import fed
 
-    with pytest.raises(ConfigError, match="method: 'fedfoo' is not one of hssf, lssl, local"):
+    with pytest.raises(ConfigError, match="method: 'fedfoo' is not one of eln, feddistill, fedmd, fedproto, fixmatch, hssf, ktpfl, local, lssl"):
         fed.load_config(None, ["method=fedfoo"])
     assert load_config(None, ["method=fedfoo"]).method == "fedfoo"  # utils.config knows no methods
 

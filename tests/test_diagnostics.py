@@ -1,4 +1,4 @@
-"""RPG's two switches (``hssf.rpg_flip``, ``hssf.sample_gate``) and the ``diag_*`` terms (:mod:`fed.diag`):
+"""RPG's two switches (``hssf.rpg_flip``, ``hssf.sample_gate``) and the ``diag_*`` terms (:mod:`fed.common.diag`):
 by hand on constructed tensors, then in tiny runs (present, in [0, 1], and without any effect on the
 weights: a run with the diagnostics off is bit-identical to the reference run)."""
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import run_checkpoints, run_tiny
-from fed import diag
-from fed.local_ssl import pseudo_label, pseudo_label_parts
+from fed.common import diag
+from fed.common.hssf_local import pseudo_label, pseudo_label_parts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +94,7 @@ def test_sa_calibration_by_hand():
 
 
 def test_log_respects_the_switch_and_keeps_no_gradient(monkeypatch):
-    from fed.base import LossLog
+    from fed.core.method import LossLog
 
     class P:
         log = LossLog()

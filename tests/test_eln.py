@@ -1,4 +1,4 @@
-"""ELN (``fed/eln.py``): the ELN target and its pos/neg re-weighting, the aux-decoder gate, the EMA
+"""ELN (``fed/methods/eln.py``): the ELN target and its pos/neg re-weighting, the aux-decoder gate, the EMA
 update, ELN pseudo-labels and the pixel contrastive loss by hand; tiny runs in process (warm-up, one ELN
 round, SSL rounds: losses and bytes; the clients mapping); the Flower simulation bit-identical."""
 import math
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.eln import (ELNet, aux_gate, eln_input, ema_update, eln_loss, eln_pseudo_label, eln_target, pixel_contrastive,
+from fed.methods.eln import (ELNet, aux_gate, eln_input, ema_update, eln_loss, eln_pseudo_label, eln_target, pixel_contrastive,
                      projection_head)
-from fed.semifl import IGNORE
+from fed.methods.semifl import IGNORE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +101,7 @@ def test_pixel_contrastive_by_hand():
 
 
 def test_crops_take_one_location_of_the_whole_batch():
-    from fed.eln import crop_boxes
+    from fed.methods.eln import crop_boxes
     from utils.rng import generator
 
     boxes = crop_boxes(200, 24, 20, 8, generator(1, "crops"))
@@ -186,7 +186,7 @@ def test_resume_in_the_ssl_phase_is_identical(ref):
     from pathlib import Path
 
     from fed import load_config
-    from fed.run import train
+    from fed.core.run import train
 
     tmp, cfg, res = ref
     cfg2, out = run_tiny(tmp, "resumed", *ELN, "train.rounds=4", stop_after=3)

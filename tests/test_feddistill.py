@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.feddistill import class_means, class_sums, global_logits, kl_to_label, leave_one_out, mse_to_label
+from fed.methods.feddistill import class_means, class_sums, global_logits, kl_to_label, leave_one_out, mse_to_label
 from utils.logger import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.fedmd import consensus, digest_loss
+from fed.methods.fedmd import consensus, digest_loss
 from utils.logger import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")

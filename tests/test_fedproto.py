@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_same_run, run_tiny, tiny_overrides
 from fed import load_config
-from fed.fedproto import (FedProto, aggregate_prototypes, batch_proto_mse, feature_width, masked_prototypes,
+from fed.methods.fedproto import (FedProto, aggregate_prototypes, batch_proto_mse, feature_width, masked_prototypes,
                           proto_mse)
 from utils.config import ConfigError
 from utils.logger import read_metrics

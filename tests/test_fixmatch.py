@@ -1,4 +1,4 @@
-"""FixMatch federated by FedAvg (``fed/fixmatch.py``, BASELINES.md section 2).
+"""FixMatch federated by FedAvg (``fed/methods/fixmatch.py``, BASELINES.md section 2).
 
 The masked CE with the all-pixels denominator and the confident pseudo-labels, by hand; the strong view
 with CutMix mixes labels and confidences with the image; two tiny rounds in process (the unlabeled loss
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.hetero_local import confident_labels, masked_ce
+from fed.common.baseline_local import confident_labels, masked_ce
 from utils.rng import generator
 from utils.strong_views import Mix, cutmix, strong_view
 

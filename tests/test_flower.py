@@ -17,7 +17,7 @@ pytest.importorskip("ray", reason="Flower's simulation needs Ray: pip install -r
 
 from conftest import assert_same_run, run_tiny, tiny_overrides  # noqa: E402
 from fed import load_config  # noqa: E402
-from fed.run import train  # noqa: E402
+from fed.core.run import train  # noqa: E402
 from utils.logger import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical comparisons: the same threads throughout
@@ -83,7 +83,7 @@ def test_messages_round_trip_bit_for_bit():
 
 def test_engine_flag_and_choice():
     import train as train_py
-    from fed.runner import make_runner
+    from fed.core.runner import make_runner
 
     assert train_py.parse_args([]).engine == "inprocess"
     assert train_py.parse_args(["--engine", "flower-sim"]).engine == "flower-sim"
@@ -124,7 +124,7 @@ def test_a_site_continues_from_its_disk_in_a_fresh_process_for_every_message(tmp
     from fed.flower import site as S
     from fed.flower.codec import decode_payload
     from fed.flower.engine import READ_ONLY
-    from fed.runner import Runner, call
+    from fed.core.runner import Runner, call
 
     cfg = load_config(None, tiny_overrides(tmp_path, "site", "train.warmup_rounds=0", "train.fusion_epochs=1"))
     data = load_federation(cfg)

@@ -126,7 +126,7 @@ def test_launcher_command_line(tmp_path):
     """``--resume`` takes the saved config only; a new run refuses an occupied run directory before
     starting any process."""
     from fed.flower.deploy import deploy, main
-    from fed.run import RunDirError
+    from fed.core.run import RunDirError
 
     with pytest.raises(SystemExit):
         main(["--workdir", str(tmp_path), "--resume", "--set", "train.rounds=3"])

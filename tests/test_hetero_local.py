@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from fed.hetero_local import confident_labels, masked_ce
+from fed.common.baseline_local import confident_labels, masked_ce
 
 
 def test_confident_labels_and_all_pixel_denominator():

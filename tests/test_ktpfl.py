@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.ktpfl import (distill_loss, gram, personalised_targets, ramp_epochs, row_gradient, row_loss, step_size,
+from fed.methods.ktpfl import (distill_loss, gram, personalised_targets, ramp_epochs, row_gradient, row_loss, step_size,
                        update_coefficients)
-from fed.party import cosine_factor
+from fed.core.party import cosine_factor
 from utils.logger import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""Mean Teacher federated by FedAvg (``fed/mean_teacher.py``, BASELINES.md section 1).
+"""Mean Teacher federated by FedAvg (``fed/methods/mean_teacher.py``, BASELINES.md section 1).
 
 Hand-computed checks of the EMA update, the ramp weight and the consistency loss; two tiny rounds in
 process (the consistency was trained on in the non-warm-up round, the teacher follows the student's
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_same_run, run_tiny, tiny_overrides
-from fed.mean_teacher import (consistency_loss, consistency_weight, ema_alpha, ema_update, run_ramp_div,
+from fed.methods.mean_teacher import (consistency_loss, consistency_weight, ema_alpha, ema_update, run_ramp_div,
                                sigmoid_rampup)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,7 +123,7 @@ def test_reset_teacher_sends_the_student_only(tmp_path):
 def test_resume_keeps_the_teacher_and_the_step_counter(tmp_path):
     """Stopped after round 1 (teacher trained, 3 steps counted) and resumed: the same 3-round run."""
     from fed import load_config
-    from fed.run import train
+    from fed.core.run import train
 
     cfg, res = run_tiny(tmp_path, "whole", *SETTINGS, "train.rounds=3")
     cfg2 = load_config(None, tiny_overrides(tmp_path, "resumed", "train.warmup_rounds=1", *SETTINGS, "train.rounds=3"))

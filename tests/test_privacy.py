@@ -1,6 +1,6 @@
 """What leaves a site: every client -> server reply of a whole run, checked for keys and shapes.
 
-Every reply a client party produces goes through :func:`fed.runner.call` (in process, worker processes
+Every reply a client party produces goes through :func:`fed.core.runner.call` (in process, worker processes
 and the Flower site alike), so wrapping it records each client's reply to each step of a run. A reply
 carries only what the method declares:
 
@@ -19,7 +19,7 @@ Outside the method, the *run* asks every client for (stated here, so that a chan
   images (the final test's overlays stay at the site);
 - ``end_round``: the mean loss terms and the learning rate (numbers);
 - ``weights``: the client's model state dict, for the server to keep the best/last client checkpoints
-  (``fed.run``): the run, not the method, moves the client models (hssf and local included);
+  (``fed.core.run``): the run, not the method, moves the client models (hssf and local included);
 - ``begin_round``, ``rollback``, ``save_state``, ``load_state``: nothing.
 """
 from pathlib import Path
@@ -39,7 +39,7 @@ RUN_LEVEL = {"evaluate", "test_weights", "end_round", "weights", "begin_round", 
 @pytest.fixture
 def recorded(monkeypatch):
     """``[(party, step, reply)]`` of every client step run in this process."""
-    import fed.runner as R
+    import fed.core.runner as R
 
     seen, real = [], R.call
 
@@ -54,7 +54,7 @@ def recorded(monkeypatch):
 
 
 def _run(tmp_path, name, *extra, rounds=2):
-    from fed.run import train
+    from fed.core.run import train
 
     cfg = load_config(None, tiny_overrides(tmp_path, name, *extra, rounds=rounds))
     train(cfg, progress=False)
@@ -173,7 +173,7 @@ def test_on_the_flower_simulation_the_wire_carries_the_same(tmp_path, monkeypatc
     import json
 
     import fed.flower.engine as E
-    from fed.run import train
+    from fed.core.run import train
 
     seen, real = [], E.decode_payload
 

@@ -9,12 +9,13 @@ import torch.nn as nn
 
 from conftest import assert_same_run, run_tiny, tiny_overrides
 from fed import load_config
-from fed.base import pixel_accuracy, rpg_correct
-from fed.hssf import fold_teacher, fusion_mask, running_pick, teacher_mask
-from fed.local_ssl import pseudo_label
-from fed.lssl import fedavg
-from fed.run import train
-from fed.runner import nbytes
+from fed.common.labels import pixel_accuracy
+from fed.common.hssf_local import rpg_correct
+from fed.methods.hssf import fold_teacher, fusion_mask, running_pick, teacher_mask
+from fed.common.hssf_local import pseudo_label
+from fed.methods.lssl import fedavg
+from fed.core.run import train
+from fed.core.runner import nbytes
 from utils.logger import read_metrics
 
 T = torch.tensor
@@ -161,7 +162,7 @@ def test_every_party_rebuilds_the_same_public_batches(tmp_path):
     """A client's copy of a Condensation pass is the server's, image for image and noise for noise;
     another pass or round differs."""
     from datasets.federation import load_federation
-    from fed.runner import Runner
+    from fed.core.runner import Runner
 
     cfg = load_config(None, tiny_overrides(tmp_path, "pub"))
     r = Runner(cfg, load_federation(cfg))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.hssf import fold_teacher, finish_teacher, place_teacher_rows, teacher_mask, teacher_requests
+from fed.methods.hssf import fold_teacher, finish_teacher, place_teacher_rows, teacher_mask, teacher_requests
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import networks
-from fed.run import train
+from fed.core.run import train
 from fed import load_config
 from conftest import ROOT, tiny_overrides
 from utils.logger import read_metrics
@@ -126,7 +126,7 @@ def test_skip_client_when_its_loader_fails_once(tmp_path, monkeypatch):
 
 
 def test_without_fault_tolerance_a_failure_stops_the_run(tmp_path, monkeypatch):
-    from fed import local_ssl
+    from fed.common import hssf_local as local_ssl
 
     def boom(*a, **k):
         raise RuntimeError("client crashed (injected)")
@@ -144,7 +144,7 @@ def test_non_finite_loss_stops_after_keeping_the_last_good_state(tmp_path, monke
     def nan_fp(clean, pert):
         return real(clean, pert) * float("nan")
 
-    monkeypatch.setattr("fed.local_ssl.fp_consistency_loss", nan_fp)
+    monkeypatch.setattr("fed.common.hssf_local.fp_consistency_loss", nan_fp)
     with pytest.raises(FloatingPointError) as e:
         train(cfg, progress=False)
     msg = str(e.value)

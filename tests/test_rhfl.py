@@ -7,7 +7,7 @@ import torch
 
 from conftest import assert_same_run, run_tiny, tiny_overrides
 from fed import load_config
-from fed.rhfl import ccr_weights, collaborative_kl, masked_sce, public_batch, sce_pixels
+from fed.methods.rhfl import ccr_weights, collaborative_kl, masked_sce, public_batch, sce_pixels
 from utils.logger import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +57,7 @@ def test_collaborative_kl_by_hand():
 
 def test_public_batch_is_the_passes_batch(tmp_path):
     from datasets.federation import load_federation
-    from fed.runner import Runner
+    from fed.core.runner import Runner
 
     cfg = load_config(None, tiny_overrides(tmp_path, "pub", "method=rhfl"))
     party = Runner(cfg, load_federation(cfg)).parties["client1"]

@@ -1,4 +1,4 @@
-"""SemiFL (``fed/semifl.py``): fix-set selection, the mixup loss and the server momentum step by hand;
+"""SemiFL (``fed/methods/semifl.py``): fix-set selection, the mixup loss and the server momentum step by hand;
 two tiny rounds in process (losses, bytes); the Flower simulation bit-identical to the in-process run."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.semifl import IGNORE, fix_select, masked_ce, mixup_lambda, semifl_loss, server_momentum_step
+from fed.methods.semifl import IGNORE, fix_select, masked_ce, mixup_lambda, semifl_loss, server_momentum_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,7 +119,7 @@ def test_resume_is_identical(ref):
     from pathlib import Path
 
     from fed import load_config
-    from fed.run import train
+    from fed.core.run import train
 
     tmp, cfg, res = ref
     cfg2, out = run_tiny(tmp, "resumed", *SEMIFL, "train.rounds=3", stop_after=2)
@@ -131,7 +131,7 @@ def test_resume_is_identical(ref):
 def test_server_aggregate_steps_parameters_and_averages_buffers():
     from types import SimpleNamespace
 
-    from fed.semifl import SemiFL
+    from fed.methods.semifl import SemiFL
 
     model = torch.nn.BatchNorm1d(1)  # parameters weight, bias; buffers running_mean, running_var, count
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_a_clipped_step_clips_the_gradient_norm(tmp_path):
     optimizer sees has norm ``clip`` when it was larger, and is untouched when it was smaller."""
     from conftest import tiny_overrides
     from fed import load_config
-    from fed.party import Party
+    from fed.core.party import Party
     from utils.device import Amp
 
     cfg = load_config(None, tiny_overrides(tmp_path, "clip"))

@@ -137,7 +137,7 @@ def test_a_study_stopped_and_continued(tmp_path):
     assert "[1/4] hssf s0: done in" in out.stdout and "stopping after 1 cell" in out.stdout
     # a killed cell: public_only s0 trained one round of two, then was stopped
     from fed import load_config
-    from fed.run import train
+    from fed.core.run import train
 
     st = S.load_study(p)
     c = S.cells(st)[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fed.run import RunDirError, train
+from fed.core.run import RunDirError, train
 from fed import load_config
 from utils.config import ConfigError
 from conftest import ROOT, tiny_overrides

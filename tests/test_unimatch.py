@@ -1,4 +1,4 @@
-"""UniMatch federated by FedAvg (``fed/unimatch.py``, BASELINES.md section 3) and its strong views
+"""UniMatch federated by FedAvg (``fed/methods/unimatch.py``, BASELINES.md section 3) and its strong views
 (``utils/strong_views.py``).
 
 By hand: the loss combination, a strong-view loss with a cut-mixed confidence mask, the CutMix box's
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.hetero_local import masked_ce
-from fed.unimatch import unimatch_unlabeled_loss
+from fed.common.baseline_local import masked_ce
+from fed.methods.unimatch import unimatch_unlabeled_loss
 from utils.rng import generator
 from utils.strong_views import Mix, cutmix, cutmix_box, mix_partner
 

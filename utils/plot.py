@@ -2,7 +2,7 @@
 
 Writes ``<out>/<name>_curves.png`` (val Dice per client per round, the warm-up shaded, the loss
 terms per party and, where the run logged them, a second row of pseudo-label diagnostics per party:
-the ``diag_*`` terms of :mod:`fed.diag`, SA confidence dashed against its accuracy) and
+the ``diag_*`` terms of :mod:`fed.common.diag`, SA confidence dashed against its accuracy) and
 ``<out>/<name>_predictions.png`` (test overlays written by the test protocol: prediction filled red,
 ground-truth contour green).
 """

@@ -3,11 +3,11 @@
 - :mod:`fed.flower.codec`: how a step's call, keyword arguments and payload become a ``RecordDict``
   (and back), losslessly.
 - :mod:`fed.flower.site`: the ClientApp side: a site builds (or restores) its party from the run's
-  settings and its own entry, runs ``fed.runner.call`` and replies; its state lives on its own disk.
-- :mod:`fed.flower.engine`: :class:`~fed.flower.engine.FlowerRunner`, a :class:`fed.runner.Runner`
+  settings and its own entry, runs ``fed.core.runner.call`` and replies; its state lives on its own disk.
+- :mod:`fed.flower.engine`: :class:`~fed.flower.engine.FlowerRunner`, a :class:`fed.core.runner.Runner`
   whose clients are Flower SuperNodes of a simulation (Ray backend); the server party stays here.
 
-Nothing else in the project imports Flower; ``fed.runner.make_runner(..., engine="flower-sim")``
+Nothing else in the project imports Flower; ``fed.core.runner.make_runner(..., engine="flower-sim")``
 picks this engine. Importing this package switches off everything of Flower and Ray that would
 reach the network: Flower's telemetry, its update check and runtime dependency installation (the
 last two are only used by Flower's command-line services, i.e. a later deployment), and Ray's usage

@@ -1,6 +1,6 @@
 """A step's message as a Flower ``RecordDict``, and back, losslessly.
 
-A message of the protocol is ``(step, keyword arguments, payload)`` (:mod:`fed.runner`). On Flower it
+A message of the protocol is ``(step, keyword arguments, payload)`` (:mod:`fed.core.runner`). On Flower it
 is a ``RecordDict`` of up to four records:
 
 ``"call"`` (ConfigRecord)

@@ -9,7 +9,7 @@ Two halves:
   on its own disk after every ``train`` message (persistence ``"message"``, :mod:`fed.flower.site`).
   The FAB carries only the entry points: this project must be importable where the SuperLink and the
   SuperNodes run (``PYTHONPATH=<repo>``, same version everywhere).
-  The ServerApp's ``main`` runs :func:`fed.run.train` with :class:`DeployedRunner`, a
+  The ServerApp's ``main`` runs :func:`fed.core.run.train` with :class:`DeployedRunner`, a
   :class:`~fed.flower.engine.FlowerRunner` whose Grid is the SuperLink's (the run's config is a file named
   by the run config key ``config``; ``resume=true`` continues its run directory). It writes
   ``status.json`` (``{"ok": true, "results": ...}`` or ``{"ok": false, "error": ...}``) beside that file.
@@ -86,7 +86,7 @@ class DeployedRunner(FlowerRunner):
 
 def _server_main(grid, context) -> None:
     from fed import load_config
-    from fed.run import train
+    from fed.core.run import train
 
     rc = context.run_config
     cfg_path = Path(str(rc["config"]))
@@ -322,7 +322,7 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
     cfg_path = fl / "config.yaml"
     if not resume:
         cfg.output.dir = str(workdir / "run")
-        from fed.run import prepare_run_dir
+        from fed.core.run import prepare_run_dir
 
         prepare_run_dir(cfg, dry_run=True)  # refuse an occupied run directory before starting anything
         nodes = provision(cfg, workdir)

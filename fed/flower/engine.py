@@ -1,7 +1,7 @@
 """FlowerRunner: the clients are Flower SuperNodes of a simulation (Ray backend); the server party
 and the method's protocol stay in this process.
 
-``python train.py --engine flower-sim`` (``fed.runner.make_runner(..., engine="flower-sim")``). The
+``python train.py --engine flower-sim`` (``fed.core.runner.make_runner(..., engine="flower-sim")``). The
 run starts ``flwr.simulation.run_simulation`` on a thread with a ServerApp whose ``main`` hands its
 ``Grid`` to this runner and waits until the runner closes; the runner then carries every client step
 as a Flower Message through that Grid (:meth:`FlowerRunner._calls`: push, then pull the replies as
@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fed.runner import PARTY_CALLS, ClientFailure, Runner, to_device
+from fed.core.runner import PARTY_CALLS, ClientFailure, Runner, to_device
 
 from .codec import content_bytes, decode_payload, encode_kw, encode_payload
 from .site import HELLO, SETUP, TRACE, make_client_app, write_node

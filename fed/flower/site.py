@@ -94,8 +94,8 @@ class Site:
     """What one process holds of one site: its party, the method, and the state version it is at."""
 
     def __init__(self, folder: Path, info: dict):
-        from fed import METHODS
-        from fed.runner import make_party
+        from fed.core.registry import METHODS
+        from fed.core.runner import make_party
 
         self.folder, self.run, self.persist = folder, info["run"], info["persist"]
         self.threads = int(info["threads"])
@@ -230,7 +230,7 @@ def _site(folder: Path, run: str, version: int) -> Site:
 def serve(message: Message, context: Context, sites_root: Optional[str] = None) -> Message:
     """Answer one message: run its step on this node's party and reply, or reply with an error
     (``Type: message``, then :data:`TRACE` and the traceback)."""
-    from fed.runner import call as call_step, to_device
+    from fed.core.runner import call as call_step, to_device
 
     content = message.content
     call = content["call"]

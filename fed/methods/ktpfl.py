@@ -12,11 +12,11 @@ Only soft predictions cross, never weights. The server keeps the KxK knowledge-c
    and class), with the code's adaptive step size (:func:`step_size`: the mean |gradient| is brought
    near 0.01 by factors of 5, five times), then ``c_n <- softmax(5 c_n)``;
 3. it sends client ``n`` its personalised target ``t_n = sum_m c_nm s_m`` with the softmaxed row
-   (:func:`personalised_targets`; a :class:`fed.base.PerClient` message);
+   (:func:`personalised_targets`; a :class:`fed.core.method.PerClient` message);
 4. client ``n`` distils on the same pass: ``KL(t_n || softmax(f_n(x) / T))`` with ``F.kl_div``'s
    reduction ``'mean'`` (over every element) and no T^2 factor, as the code (:func:`distill_loss`), for
    ``ktpfl.distill_epochs`` passes (1);
-5. the shared local step (:mod:`fed.hetero_local`; clients have no labels). The code ramps the local
+5. the shared local step (:mod:`fed.common.baseline_local`; clients have no labels). The code ramps the local
    epochs up by one per round to 10 (``ktpfl.local_ramp: 10``); off by default (``0``: the harness's
    ``train.local_epochs`` every round, as every other baseline), since the ramp multiplies the local
    cost up to tenfold and makes the clients' cosine schedule (one step per local epoch) run through its
@@ -42,9 +42,10 @@ import torch.nn.functional as F
 
 from utils.config import Config
 
-from .base import Method, PerClient, step
-from .hetero_local import hetero_local
-from .public import predict_pass, train_pass
+from fed.core.registry import register
+from fed.core.method import Method, PerClient, step
+from fed.common.baseline_local import hetero_local
+from fed.common.public import predict_pass, train_pass
 
 PHASE = "collaboration"
 SHARPNESS = 5.0  # c_n <- softmax(5 c_n): the code's low-temperature renormalisation
@@ -131,6 +132,7 @@ def ramp_epochs(rnd: int, warmup: int, cap: int, default: int) -> int:
 
 # --- the method -------------------------------------------------------------------------------------
 
+@register
 class KTpFL(Method):
     name = "ktpfl"
     sends = {"up": "soft predictions softmax(logits/T) (N,2,H,W) on the round's public pass",

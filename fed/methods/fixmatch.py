@@ -1,12 +1,12 @@
 """FixMatch federated by FedAvg on the LSSL protocol (``../shared/BASELINES.md`` §2 and §0).
 
-Every round is :class:`fed.lssl.LSSL`'s (per local epoch the supervised pass on D_p, then, after
+Every round is :class:`fed.methods.lssl.LSSL`'s (per local epoch the supervised pass on D_p, then, after
 ``train.warmup_rounds``, the unlabeled pass; then the uniform FedAvg of every state-dict entry, the
 round's evaluated and checkpointed model). The unlabeled pass is
 the segmentation FixMatch of UniMatch's repository (``fixmatch.py``), per batch of aligned views:
 
 * pseudo-labels: the model on the weak view ``x_w`` without gradient (training mode, as the reference's
-  weak forward), per pixel ``y = argmax p`` and ``conf = max p`` (:func:`fed.hetero_local.confident_labels`);
+  weak forward), per pixel ``y = argmax p`` and ``conf = max p`` (:func:`fed.common.baseline_local.confident_labels`);
 * the strong view ``x_s`` (``fixmatch.strong``): ``unimatch`` (default) builds it from ``x_w`` on tensors
   with UniMatch's colour jitter, grayscale and blur (:mod:`utils.strong_views`); ``randaugment`` takes the
   loaders' strong view (``x_w`` + RandAugmentMC(2, 10) + ``data.public_noise`` noise, HSSF's);
@@ -16,7 +16,7 @@ the segmentation FixMatch of UniMatch's repository (``fixmatch.py``), per batch 
   own weak forward of this step, where the reference makes an extra eval-mode pass on a second loader
   over the same data, in the same order: see :mod:`utils.strong_views`);
 * ``L_u`` = sum over pixels of ``CE(f(x_s), y) * [conf >= 0.95]`` divided by the number of *all* pixels
-  (:func:`fed.hetero_local.masked_ce`; no pixel is ignored in our data).
+  (:func:`fed.common.baseline_local.masked_ce`; no pixel is ignored in our data).
 
 **Loss mapping.** The reference steps on ``L = (L_x + L_u) / 2`` with one labeled and one unlabeled batch
 per step. Here the supervised pass steps on ``L_x`` (the harness loss ``seg + confide_theta * SA`` on D_p)
@@ -30,11 +30,13 @@ import torch
 from utils.rng import generator
 from utils.strong_views import cutmix, strong_view
 
-from . import diag
-from .hetero_local import confident_labels, masked_ce
-from .lssl import LSSL
+from fed.common import diag
+from fed.common.baseline_local import confident_labels, masked_ce
+from fed.core.registry import register
+from fed.methods.lssl import LSSL
 
 
+@register
 class FixMatch(LSSL):
     name = "fixmatch"
 

@@ -1,6 +1,6 @@
 """LSSL: the official homogeneous baseline (FedAvg + local semi-supervised learning).
 
-Each round: every client runs the local step of :mod:`fed.local_ssl` from the global model it holds,
+Each round: every client runs the local step of :mod:`fed.common.hssf_local` from the global model it holds,
 with the *public* labeled set as its labeled data (plus its own unlabeled data after the warm-up); then
 every client sends its weights (``send_weights``), the server takes the uniform average of every
 state-dict entry (BatchNorm buffers included) as the new global model (``aggregate``) and sends it back,
@@ -27,8 +27,9 @@ from typing import Dict, List
 
 import torch
 
-from .base import Method, step
-from .local_ssl import supervised_pass, unlabeled_pass
+from fed.core.registry import register
+from fed.core.method import Method, step
+from fed.common.hssf_local import supervised_pass, unlabeled_pass
 
 
 @torch.no_grad()
@@ -44,6 +45,7 @@ def fedavg(state_dicts: List[dict], weights=None) -> dict:
     return out
 
 
+@register
 class LSSL(Method):
     name = "lssl"
     shared_model = True
@@ -100,7 +102,7 @@ class LSSL(Method):
         self.local_epochs(client, rnd, warm)
 
     def local_epochs(self, client, rnd: int, warm: bool) -> None:
-        """:func:`fed.local_ssl.local_epochs` with D_p as labeled data and this method's unlabeled pass:
+        """:func:`fed.common.hssf_local.local_epochs` with D_p as labeled data and this method's unlabeled pass:
         per local epoch the supervised pass on D_p, then (after the warm-up) :meth:`unlabeled_pass`,
         then one scheduler step."""
         for e in range(self.cfg.train.local_epochs):
@@ -111,7 +113,7 @@ class LSSL(Method):
             client.scheduler.step()
 
     def unlabeled_pass(self, client, rnd: int, epoch: int) -> None:
-        """One pass over the client's unlabeled data (LSSL: the HSSF local step of :mod:`fed.local_ssl`)."""
+        """One pass over the client's unlabeled data (LSSL: the HSSF local step of :mod:`fed.common.hssf_local`)."""
         unlabeled_pass(client, rnd, epoch, self.cfg.hssf)
 
     def eval_model(self, party):

@@ -11,7 +11,7 @@ Shared by ``hssf``, ``lssl`` and ``local``:
   w_perturbed) + sum over v in {w_clean, s} of [pixel CE(v, pseudo) * gate + seg(v, pseudo, gate)],
   times ``unlabel_theta``.
 
-Both passes log ``diag_*`` terms (:mod:`fed.diag`): SA calibration on labeled batches, pseudo-label
+Both passes log ``diag_*`` terms (:mod:`fed.common.diag`): SA calibration on labeled batches, pseudo-label
 statistics on unlabeled ones.
 """
 from __future__ import annotations
@@ -22,8 +22,15 @@ import torch
 
 from utils.losses import confidence_loss, fp_consistency_loss, pixel_ce, structure_loss
 
-from . import diag
-from .base import one_hot
+from fed.common import diag
+from fed.common.labels import one_hot
+
+
+def rpg_correct(mask_logits: torch.Tensor, confidence_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Reliable Pseudo-label Generation: argmax, flipped where sigmoid(SA confidence) < threshold."""
+    pred = mask_logits.argmax(1)
+    return torch.where(torch.sigmoid(confidence_logits[:, 0]) < threshold, 1 - pred, pred)
+
 
 
 def pseudo_label_parts(p_w: torch.Tensor, p_s: torch.Tensor, conf_w: torch.Tensor, conf_s: torch.Tensor,
@@ -61,7 +68,7 @@ def pseudo_label(p_w: torch.Tensor, p_s: torch.Tensor, conf_w: torch.Tensor, con
 def supervised_pass(party, which: str, rnd: int, phase: str, epoch: int, h, tag: str = "sup",
                     regularizer=None, forward_kw: Optional[dict] = None, clip: float = 0.0) -> None:
     """One keyed pass of ``seg + confide_theta * SA`` over the labeled loader ``which`` (``clip``: see
-    :meth:`fed.party.Party.step`).
+    :meth:`fed.core.party.Party.step`).
 
     ``regularizer(party, out, labels, valid)`` (a method's own term, e.g. a baseline's): returns
     ``(loss, {name: value})`` added to the batch's loss, or None; ``labels`` (B,H,W), ``valid`` (B,H,W)

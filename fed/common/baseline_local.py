@@ -5,14 +5,14 @@ term and RHFL's local learning all need a substitute. As HSSF's own code structu
 heterogeneous baseline runs, after its collaboration step, ``train.local_epochs`` passes of:
 
 1. the harness supervised loss on the public labeled set D_p (``seg + confide_theta * SA``;
-   :func:`fed.local_ssl.supervised_pass`), clients may use its labels as HSSF's Fusion does;
+   :func:`fed.common.hssf_local.supervised_pass`), clients may use its labels as HSSF's Fusion does;
 2. after the warm-up, a pass over the client's unlabeled data (``baselines.local_step``):
 
    * ``fixmatch`` (default): FixMatch-style pixel pseudo-labels. The weak view is predicted without
      gradient; each pixel's label is its argmax, kept where its softmax confidence is at least
      ``baselines.tau``; the loss is the CE of the strong view against them, summed over kept pixels
      and divided by *all* pixels (:func:`masked_ce`), times ``baselines.unlabeled_weight``;
-   * ``hssf``: HSSF's own local step (SA-selected, RPG-corrected pseudo-labels; :mod:`fed.local_ssl`);
+   * ``hssf``: HSSF's own local step (SA-selected, RPG-corrected pseudo-labels; :mod:`fed.common.hssf_local`);
 
 3. plus the method's own regulariser, on D_p (ground truth) and, with ``fixmatch``, on the confident
    local pixels: ``regularizer(party, out, labels, valid) -> (loss, terms)`` or None.
@@ -27,8 +27,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import diag
-from .local_ssl import supervised_pass, unlabeled_pass
+from fed.common import diag
+from fed.common.hssf_local import supervised_pass, unlabeled_pass
 
 
 def masked_ce(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ learning on the public data):
 3. **Digest**: each client regresses its logits (probabilities) on the same pass to the consensus with
    the per-pixel, per-class L1 loss (:func:`digest_loss`; FedMD_clean compiles its logit model with
    mean absolute error) for ``fedmd.digest_epochs`` passes.
-4. **Revisit**: the shared local step (:mod:`fed.hetero_local`; clients have no labels).
+4. **Revisit**: the shared local step (:mod:`fed.common.baseline_local`; clients have no labels).
 
 During warm-up rounds nothing is exchanged and the local step runs on D_p only. ``fedmd.logits_dtype:
 float16`` halves both messages (lossy; the mean is taken in fp32). The server's model is not used.
@@ -25,9 +25,10 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .base import Method, step
-from .hetero_local import hetero_local
-from .public import predict_pass, train_pass
+from fed.core.registry import register
+from fed.core.method import Method, step
+from fed.common.baseline_local import hetero_local
+from fed.common.public import predict_pass, train_pass
 
 PHASE = "collaboration"  # the key of the round's public pass (predicted, then digested)
 
@@ -47,6 +48,7 @@ def digest_loss(logits: torch.Tensor, target: torch.Tensor, average: str = "logi
     return F.l1_loss(mine, target)
 
 
+@register
 class FedMD(Method):
     name = "fedmd"
     sends = {"up": "per-pixel raw logits (N,2,H,W) on the round's public pass (`fedmd.average: probs`: "

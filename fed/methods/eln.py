@@ -3,9 +3,9 @@
 Phases mapped to rounds: ``train.warmup_rounds`` supervised rounds, then ``eln.eln_rounds`` rounds in
 which the ELN and two auxiliary decoders are trained on D_p, then the semi-supervised (SSL) phase.
 Every round: the clients train locally from the global model they hold (H1 protocol, as lssl: a
-supervised pass on D_p with the harness loss, :func:`fed.local_ssl.supervised_pass`, in every phase; SSL
+supervised pass on D_p with the harness loss, :func:`fed.common.hssf_local.supervised_pass`, in every phase; SSL
 terms on their unlabeled data in the SSL phase), then send their weights, the server averages them
-uniformly (:func:`fed.lssl.fedavg`) and sends the average back, and the clients load it (round 0 starts
+uniformly (:func:`fed.methods.lssl.fedavg`) and sends the average back, and the clients load it (round 0 starts
 with one such exchange of the initial weights). The average after the round's local training is the
 model evaluated and checkpointed for the round.
 
@@ -60,11 +60,12 @@ import networks
 from networks.segmodel import upsample
 from utils.rng import generator, seed_torch
 
-from . import diag
-from .base import PerClient, step
-from .local_ssl import local_epochs, supervised_pass
-from .lssl import LSSL, fedavg
-from .semifl import IGNORE, masked_ce
+from fed.common import diag
+from fed.core.registry import register
+from fed.core.method import PerClient, step
+from fed.common.hssf_local import local_epochs, supervised_pass
+from fed.methods.lssl import LSSL, fedavg
+from fed.methods.semifl import IGNORE, masked_ce
 
 
 # --- the pieces of ELN, as pure functions ---------------------------------------------------------
@@ -209,6 +210,7 @@ def _part(flat: dict, prefix: str) -> dict:
 
 # --- the method -------------------------------------------------------------------------------------
 
+@register
 class ELN(LSSL):
     name = "eln"
     shared_model = True

@@ -10,7 +10,7 @@ Knowledge crosses between heterogeneous models only as predictions on the public
 2. **Fusion** (server -> clients), per pass ``e``: the server sends its logits and RPG-corrected
    grades on the pass's public batches; every client trains on D_p and distils from the server where
    the server's grade beats its own pixel accuracy (:func:`fusion_mask`).
-3. **Local learning**: :mod:`fed.local_ssl` (unlabeled data only after the warm-up rounds).
+3. **Local learning**: :mod:`fed.common.hssf_local` (unlabeled data only after the warm-up rounds).
 
 Messages go pass by pass, so at most one pass of predictions is held at a time. During warm-up
 ``kl_theta`` is 0 and unlabeled training is off; the predictions that would only feed a zero-weighted
@@ -36,9 +36,12 @@ import torch
 from networks.segmodel import upsample
 from utils.losses import confidence_loss, kl_loss, structure_loss
 
-from . import diag
-from .base import Method, PerClient, one_hot, pixel_accuracy, rpg_correct, step
-from .local_ssl import local_epochs
+from fed.common import diag
+from fed.core.registry import register
+from fed.core.method import Method, PerClient, step
+from fed.common.labels import one_hot, pixel_accuracy
+from fed.common.hssf_local import rpg_correct
+from fed.common.hssf_local import local_epochs
 
 
 # --- the decisions of HSSF, as pure functions ---------------------------------------------------
@@ -130,6 +133,7 @@ def fusion_mask(g0: torch.Tensor, client_acc: torch.Tensor) -> torch.Tensor:
 
 # --- the method -------------------------------------------------------------------------------------
 
+@register
 class HSSF(Method):
     name = "hssf"
     sends = {"up": "per pass of Condensation: logits (N,2,H,W) and pixel-accuracy grades (N,) on the "

@@ -1,6 +1,6 @@
 """UniMatch federated by FedAvg on the LSSL protocol (``../shared/BASELINES.md`` §3 and §0).
 
-Every round is :class:`fed.lssl.LSSL`'s (per local epoch the supervised pass on D_p, then, after
+Every round is :class:`fed.methods.lssl.LSSL`'s (per local epoch the supervised pass on D_p, then, after
 ``train.warmup_rounds``, the unlabeled pass; then the uniform FedAvg of every state-dict entry, the
 round's evaluated and checkpointed model). The unlabeled pass is
 UniMatch's (``LiheYoung/UniMatch`` ``unimatch.py``), per batch of weak views ``x_w``:
@@ -13,13 +13,13 @@ UniMatch's (``LiheYoung/UniMatch`` ``unimatch.py``), per batch of weak views ``x
    the same image in another view: see :mod:`utils.strong_views`);
 2. a training-mode pass on ``x_w`` with feature perturbation (``party.forward(x, need_fp=True)``:
    Dropout2d(0.5) on every encoder feature), giving the clean prediction, whose detached softmax gives
-   the pseudo-labels ``y_w = argmax`` and ``conf_w = max`` (:func:`fed.hetero_local.confident_labels`),
+   the pseudo-labels ``y_w = argmax`` and ``conf_w = max`` (:func:`fed.common.baseline_local.confident_labels`),
    and the FP prediction;
 3. one pass on ``[x_s1, x_s2]`` (each mixed inside its box);
 4. ``L_s1``, ``L_s2``: CE of each strong prediction against its cut-mixed ``y_w`` (inside the box the
    mixing image's label and confidence), kept where ``conf >= unimatch.threshold`` (0.95); ``L_fp``: CE of
    the FP prediction against ``y_w`` kept where ``conf_w >= 0.95``. Each: sum over kept pixels divided by
-   *all* pixels (:func:`fed.hetero_local.masked_ce`; no pixel is ignored in our data).
+   *all* pixels (:func:`fed.common.baseline_local.masked_ce`; no pixel is ignored in our data).
 
 **Loss mapping.** UniMatch steps on ``L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2`` with one labeled
 and one unlabeled batch per step. Here the supervised pass steps on ``L_x`` (the harness loss
@@ -35,9 +35,10 @@ import torch
 from utils.rng import generator
 from utils.strong_views import cutmix, mix_partner, strong_view
 
-from . import diag
-from .hetero_local import confident_labels, masked_ce
-from .lssl import LSSL
+from fed.common import diag
+from fed.common.baseline_local import confident_labels, masked_ce
+from fed.core.registry import register
+from fed.methods.lssl import LSSL
 
 
 def unimatch_unlabeled_loss(l_s1: torch.Tensor, l_s2: torch.Tensor, l_fp: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,7 @@ def unimatch_unlabeled_loss(l_s1: torch.Tensor, l_s2: torch.Tensor, l_fp: torch.
     return 0.25 * l_s1 + 0.25 * l_s2 + 0.5 * l_fp
 
 
+@register
 class UniMatch(LSSL):
     name = "unimatch"
 

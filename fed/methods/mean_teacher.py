@@ -1,6 +1,6 @@
 """Mean Teacher federated by FedAvg on the LSSL protocol (``../shared/BASELINES.md`` §1 and §0).
 
-Every round is :class:`fed.lssl.LSSL`'s: every client runs ``train.local_epochs`` of [supervised pass
+Every round is :class:`fed.methods.lssl.LSSL`'s: every client runs ``train.local_epochs`` of [supervised pass
 on D_p, then (after ``train.warmup_rounds``) the unlabeled pass below] from the global model it holds,
 then the clients send their weights, the server averages every entry uniformly and every client loads
 the average (round 0 starts with one such exchange of the initial weights). The global student after
@@ -50,9 +50,10 @@ import torch.nn.functional as F
 
 from utils.rng import clamped_noise
 
-from . import diag
-from .base import step
-from .lssl import LSSL, fedavg
+from fed.common import diag
+from fed.core.registry import register
+from fed.core.method import step
+from fed.methods.lssl import LSSL, fedavg
 
 
 # --- Mean Teacher's pieces, as pure functions ------------------------------------------------------
@@ -99,6 +100,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
         t.copy_(s)
 
 
+@register
 class MeanTeacher(LSSL):
     name = "mean_teacher"
     sends = {"up": "student weights (every state-dict entry); with mean_teacher.teacher fedavg, after the "

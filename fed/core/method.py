@@ -13,12 +13,12 @@ A method is one file with a small class registered in ``fed/__init__.py``::
         @step
         def local(self, party, msg, rnd): ...      # a step: one party, one message in, one reply out
 
-A step sees only its own :class:`fed.party.Party` and the message it was sent; the runner
-(:mod:`fed.runner`) carries messages, counts their bytes and times the phases. A protocol names its
+A step sees only its own :class:`fed.core.party.Party` and the message it was sent; the runner
+(:mod:`fed.core.runner`) carries messages, counts their bytes and times the phases. A protocol names its
 steps as bound methods (an editor follows them); what crosses to another process or site is the step's
 name. ``@step(read_only=True)`` marks a step that changes nothing on its party (no training, no state):
 Flower sends it as a "query". Evaluation, checkpoints, logging and resuming are the run's job
-(:mod:`fed.run`).
+(:mod:`fed.core.run`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from typing import Dict, List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class PerClient(dict):
@@ -57,25 +56,7 @@ class LossLog:
         return {k: float(s) / self._n[k] for k, s in self._sum.items()}
 
 
-def one_hot(labels: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
-    """(B, H, W) or (B, 1, H, W) integer/0-1 labels -> (B, C, H, W) float one-hot."""
-    if labels.dim() == 4:
-        labels = labels[:, 0]
-    return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
-
-
-def pixel_accuracy(pred_labels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample fraction of pixels where ``pred_labels`` (B,H,W) equals ``labels`` (B,H,W)."""
-    return (pred_labels == labels).float().mean(dim=(1, 2))
-
-
-def rpg_correct(mask_logits: torch.Tensor, confidence_logits: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Reliable Pseudo-label Generation: argmax, flipped where sigmoid(SA confidence) < threshold."""
-    pred = mask_logits.argmax(1)
-    return torch.where(torch.sigmoid(confidence_logits[:, 0]) < threshold, 1 - pred, pred)
-
-
-#: names a step can not take: the runner's calls on every party (``fed.runner.PARTY_CALLS``) and what the
+#: names a step can not take: the runner's calls on every party (``fed.core.runner.PARTY_CALLS``) and what the
 #: run asks of a method
 RESERVED = frozenset({"begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate",
                       "test_weights", "run_round", "setup", "warm", "eval_model", "check_config", "steps",

@@ -4,7 +4,7 @@ A :class:`Party` holds its model, optimizer, cosine schedule, AMP scaler, its lo
 Its random draws come from keyed streams (:mod:`utils.rng`): a loader pass is keyed by
 ``(seed, round, stream, phase, epoch)`` and, before batch ``b``, torch's generators (dropout, feature
 perturbation) are seeded with ``(seed, round, party, phase, epoch, b)``. Nothing of another party is
-reachable from here: methods move data between parties only as messages (see :mod:`fed.runner`).
+reachable from here: methods move data between parties only as messages (see :mod:`fed.core.runner`).
 
 Every party holds the public labeled set: the server trains on it in Condensation, the clients in
 Fusion (and as labeled data in ``lssl``/``local``); a client rebuilds the server's noisy, augmented
@@ -28,8 +28,8 @@ from utils.io import atomic_torch_save, snapshot
 from utils.metrics import ScoreBook
 from utils.rng import clamped_noise, seed_torch
 
-from .base import LossLog
-from .evaluate import score_model
+from fed.core.method import LossLog
+from fed.core.evaluate import score_model
 
 PUBLIC = "public"  # the stream of the public batches that every party rebuilds identically
 

@@ -23,8 +23,8 @@ from utils.device import Amp, resolve_device
 from utils.io import atomic_write_text
 from utils.metrics import ScoreBook
 
-from . import METHODS
-from .evaluate import score_model
+from fed.core.registry import METHODS
+from fed.core.evaluate import score_model
 
 SPLIT_KEYS = {"test": "test_list", "val": "val_list"}
 

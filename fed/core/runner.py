@@ -1,6 +1,6 @@
 """The runner: holds the parties and carries a method's messages between them.
 
-A method (``fed/hssf.py``...) writes its round as a protocol, against this interface only::
+A method (``fed/methods/hssf.py``...) writes its round as a protocol, against this interface only::
 
     with r.phase("condensation"):
         teacher = r.clients(self.predict_public, rnd=rnd, phase="condensation", epoch=e, reduce=fold)
@@ -38,9 +38,9 @@ from utils.device import Amp, resolve_device
 from utils.metrics import ScoreBook
 from utils.rng import seed_torch
 
-from . import METHODS
-from .base import PerClient, for_client
-from .party import Party, build_loader
+from fed.core.registry import METHODS
+from fed.core.method import PerClient, for_client
+from fed.core.party import Party, build_loader
 
 #: what a runner may ask of any party besides the method's steps
 PARTY_CALLS = ("begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate",
@@ -407,21 +407,23 @@ class ProcessRunner(Runner):
         self.conns, self.procs = [], []
 
 
-#: where the clients run: ``inprocess`` (here, or in ``train.client_workers`` worker processes) or
-#: ``flower-sim`` (nodes of a Flower simulation, :mod:`fed.flower`; needs requirements-flower.txt)
-ENGINES = ("inprocess", "flower-sim")
+#: where the clients run, name -> the runner class (``module:attribute``, imported when asked for):
+#: ``inprocess`` (here, or in ``train.client_workers`` worker processes), ``flower-sim`` (nodes of a Flower
+#: simulation, :mod:`fed.flower`; needs requirements-flower.txt) and ``flower-deployment`` (only inside the
+#: ServerApp of :mod:`fed.flower.deploy`, on the SuperLink's Grid). The Flower runners build on this module,
+#: so they are named here, not imported.
+ENGINES = {"inprocess": "fed.core.runner:Runner", "flower-sim": "fed.flower.engine:FlowerRunner",
+           "flower-deployment": "fed.flower.deploy:DeployedRunner"}
 
 
 def make_runner(cfg, data, logger=None, order: str = "forward", engine: str = "inprocess") -> Runner:
-    if engine == "flower-sim":
-        from .flower.engine import FlowerRunner
-
-        return FlowerRunner(cfg, data, logger, order)
-    if engine == "flower-deployment":  # only inside the ServerApp of fed.flower.deploy (the SuperLink's Grid)
-        from .flower.deploy import DeployedRunner
-
-        return DeployedRunner(cfg, data, logger, order)
-    if engine != "inprocess":
+    if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    cls = ProcessRunner if cfg.train.client_workers > 0 else Runner
+    if engine == "inprocess":
+        cls = ProcessRunner if cfg.train.client_workers > 0 else Runner
+    else:
+        import importlib
+
+        module, attr = ENGINES[engine].split(":")
+        cls = getattr(importlib.import_module(module), attr)
     return cls(cfg, data, logger, order)

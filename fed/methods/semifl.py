@@ -8,12 +8,12 @@ unlabeled data with pseudo-labels of the global model. One round (after the warm
    (:func:`fix_select`, :func:`semifl_loss`): ``CE(f(x_s^fix), y) + lam CE(f(x_mix), y_a) +
    (1 - lam) CE(f(x_mix), y_b)``, ``x_mix = lam x_w^fix + (1 - lam) x_w^mix``, ``lam ~ Beta(0.75, 0.75)``
    per batch (keyed), gradient norm clipped at ``semifl.clip``; then sends its weights;
-2. the server averages them uniformly (:func:`fed.lssl.fedavg`) and applies the average to the global
+2. the server averages them uniformly (:func:`fed.methods.lssl.fedavg`) and applies the average to the global
    parameters as an SGD step with lr ``semifl.server_lr`` (1) and momentum ``semifl.server_momentum``
    (0.5) (:func:`server_momentum_step`; the momentum buffer lives in the server's ``extra``); BatchNorm
    buffers take the plain average (the official update only steps the parameters);
 3. the server fine-tunes the result on D_p for ``semifl.server_epochs`` passes (the harness supervised
-   loss, :func:`fed.local_ssl.supervised_pass`, gradients clipped at ``semifl.clip`` as the official
+   loss, :func:`fed.common.hssf_local.supervised_pass`, gradients clipped at ``semifl.clip`` as the official
    ``Server.train``), then, with ``semifl.sbn``, recomputes the BatchNorm
    statistics with one cumulative pass over D_p (official ``sbn=1`` uses server + client data; in FL only
    D_p is at the server), and broadcasts the next global model. Clients keep it (their model and its
@@ -50,10 +50,11 @@ import torch.nn.functional as F
 
 from utils.rng import derive_seed
 
-from . import diag
-from .local_ssl import supervised_pass
-from .base import step
-from .lssl import LSSL, fedavg
+from fed.common import diag
+from fed.common.hssf_local import supervised_pass
+from fed.core.registry import register
+from fed.core.method import step
+from fed.methods.lssl import LSSL, fedavg
 
 IGNORE = -1
 
@@ -120,6 +121,7 @@ def recompute_bn(party, which: str, rnd: int) -> None:
 
 # --- the method -------------------------------------------------------------------------------------
 
+@register
 class SemiFL(LSSL):
     name = "semifl"
     shared_model = True

@@ -11,7 +11,7 @@ of the DeepLabV3+ family). One round:
    the feature resolution by nearest neighbour. The server takes, per class, the unweighted mean over
    the clients that saw the class (``fedproto.weighting: counts``: weighted by pixel counts, the paper's
    |D_i,k| weighting) and sends the global prototypes back (:func:`aggregate_prototypes`).
-2. **Local step**: :func:`fed.hetero_local.hetero_local` (BASELINES section 12) with FedProto's
+2. **Local step**: :func:`fed.common.baseline_local.hetero_local` (BASELINES section 12) with FedProto's
    regulariser ``fedproto.ld * MSE(feature, C_label)`` per pixel (:func:`proto_mse`) on D_p and the
    confident local pixels; a pixel whose class has no global prototype contributes 0 but counts in
    the mean (the official code's own-embedding trick). ``fedproto.level: batch``: the cheaper variant,
@@ -40,8 +40,10 @@ import networks
 from networks.segmodel import feature_channels
 from utils.rng import generator
 
-from .base import Method, one_hot, step
-from .hetero_local import hetero_local
+from fed.core.registry import register
+from fed.core.method import Method, step
+from fed.common.labels import one_hot
+from fed.common.baseline_local import hetero_local
 
 NUM_CLASSES = 2
 
@@ -129,6 +131,7 @@ def projection(seed: int, width: int, dim: int) -> torch.Tensor:
 
 # --- the method -------------------------------------------------------------------------------------
 
+@register
 class FedProto(Method):
     name = "fedproto"
     sends = {"up": "per round: the client's prototype per class (2, D) float32 of its last local epoch and "

@@ -1,9 +1,9 @@
 """Predicting and distilling on the shared public batches (FedMD, KT-pFL).
 
 Every party holds D_p and rebuilds one public pass's noisy, augmented batches from its key
-(:meth:`fed.party.Party.public_batches`, stream ``"public"``), so a prediction map of a pass is indexed
+(:meth:`fed.core.party.Party.public_batches`, stream ``"public"``), so a prediction map of a pass is indexed
 by its rows: batch ``b`` of size ``n`` is rows ``b*n .. b*n + n - 1``. A party predicts the pass in eval
-mode (as :meth:`fed.hssf.HSSF.predict_public`) and later trains on the *same* pass (same key) against
+mode (as :meth:`fed.methods.hssf.HSSF.predict_public`) and later trains on the *same* pass (same key) against
 a target of the same rows; only the prediction maps cross, never the images.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ means reach ``metrics.jsonl`` under ``record["loss"][party]``, next to the loss 
 * ``diag_flipped``: fraction of pixels flipped by RPG (HSSF's local step only; 0 with the flip off);
 * ``diag_conf``: mean SA confidence ``max(conf_w, conf_s)`` (HSSF's local step only).
 
-and, on labeled batches of a model with an SA confidence head (:func:`fed.local_ssl.supervised_pass`,
+and, on labeled batches of a model with an SA confidence head (:func:`fed.common.hssf_local.supervised_pass`,
 HSSF's Condensation and Fusion), its calibration: ``diag_sa_conf`` = mean ``sigmoid(confidence)``,
 ``diag_sa_acc`` = pixel accuracy of the argmax against the label (the SA target's mean: a calibrated
 head has ``diag_sa_conf`` close to ``diag_sa_acc``).

@@ -1,6 +1,6 @@
 """The training run: run directory, logging, best checkpoints, training state, resume, final test.
 
-The federation itself (parties, method, messages) is :mod:`fed.runner`; this module only drives it
+The federation itself (parties, method, messages) is :mod:`fed.core.runner`; this module only drives it
 round by round (SPEC section 4): ``runner.run_round(r)``; then every client is scored on its val split;
 where a client's val Dice improves, it is scored on its test split and ``{arch}_{k}_best.pth`` is saved
 (for a shared-model method, the global model, the aggregate of the round's local training, is selected
@@ -30,7 +30,7 @@ from utils.io import atomic_torch_save, atomic_write_text
 from utils.logger import RunLogger
 from utils.metrics import NAMES, ScoreBook
 
-from .runner import Runner, make_runner
+from fed.core.runner import Runner, make_runner
 
 STATE_DIR = Path("state")
 COMMIT = "last.json"  # {"round": r, "best": ..., "config": ...}: the last round whose state is complete
@@ -80,7 +80,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = T
     """Run (or resume) the experiment of ``cfg``; returns the results dict (also ``results.json``).
 
     ``stop_after``: stop after that many rounds of this call (tests, benchmarks). ``engine``: where the
-    clients run (:data:`fed.runner.ENGINES`).
+    clients run (:data:`fed.core.runner.ENGINES`).
     """
     t0 = time.time()
     if not resume and not overwrite:
@@ -245,7 +245,7 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, runner: Runner, data
                "final_test_s": round(time.perf_counter() - tt, 1),
                "best": best, "test": final["summary"], "environment": environment(runner.device)}
     atomic_write_text(run / "results.json", json.dumps(results, indent=2))
-    from .report import format_table
+    from fed.core.report import format_table
 
     logger.info("test split, best-val checkpoints (batch 1, every image, scored at each site):\n" + format_table(final))
     return results
@@ -254,8 +254,8 @@ def _rounds(cfg, run, logger, resume, progress, stop_after, runner: Runner, data
 def _final_test(cfg, runner: Runner, ck: Path, out: Path, logger: RunLogger) -> dict:
     """The test protocol at the sites: each client is sent its best-validation weights and scores them
     on its own test split (batch 1, HD95, fp32; overlays stay at the site); the server writes the report."""
-    from . import METHODS
-    from .report import checkpoint_paths, write_report
+    from fed.core.registry import METHODS
+    from fed.core.report import checkpoint_paths, write_report
 
     shared = METHODS[cfg.method].shared_model
     paths = checkpoint_paths(cfg, ck, "best")

@@ -12,8 +12,8 @@ during training from the logits the training computes, as PFLlib does. One round
 2. the server averages each label's row over the clients that saw it (:func:`global_logits`, in client
    order) and sends it to every client; ``feddistill.leave_one_out: true`` (Jeong's version) sends
    client k the mean over the *other* clients instead, ``(M F - F_k) / (M - 1)``
-   (:func:`leave_one_out`, a :class:`fed.base.PerClient` message);
-3. the shared local step (:mod:`fed.hetero_local`) with the regulariser, through its ``regularizer``
+   (:func:`leave_one_out`, a :class:`fed.core.method.PerClient` message);
+3. the shared local step (:mod:`fed.common.baseline_local`) with the regulariser, through its ``regularizer``
    hook: each labelled / confident pixel's logit vector is pulled toward the received logits of its
    label, ``feddistill.weight`` (lambda, 1) times :func:`mse_to_label` (PFLlib's form, default) or
    :func:`kl_to_label` (``feddistill.loss: kl``, FedGen's form: KL(softmax(F_label) || softmax(z))).
@@ -32,8 +32,9 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import Method, PerClient, step
-from .hetero_local import hetero_local
+from fed.core.registry import register
+from fed.core.method import Method, PerClient, step
+from fed.common.baseline_local import hetero_local
 
 C = 2  # labels (and logit channels): background, foreground
 
@@ -94,6 +95,7 @@ LOSSES = {"mse": mse_to_label, "kl": kl_to_label}
 
 # --- the method -------------------------------------------------------------------------------------
 
+@register
 class FedDistill(Method):
     name = "feddistill"
     sends = {"up": "per-label mean logits (2,2) over the last local training and the labels seen (2,)",

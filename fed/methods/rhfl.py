@@ -15,7 +15,7 @@ Only soft maps on D_p and scalars cross. One round after the warm-up (code order
 2. **Collaborative learning, once per public batch, in lock-step**: for batch ``b`` of the shared
    noisy public pass (every party rebuilds it from its key, :func:`public_batch`), every client sends
    its softmax map ``p_k`` (B,2,H,W) (``soft_maps``); the server relays to each client ``k`` the
-   others' maps and weights ``W_j`` (a :class:`~fed.base.PerClient` message); each client takes one
+   others' maps and weights ``W_j`` (a :class:`~fed.core.method.PerClient` message); each client takes one
    step on ``sum_{j != k} W_j KL(p_j || p_k)``, KL summed over classes and pixels and divided by
    ``B*H*W`` (``KLDivLoss(batchmean)`` / (H*W), :func:`collaborative_kl`). Messages per batch, as the
    official loop, rather than all maps of a pass first: the maps a client learns from are those of the
@@ -24,7 +24,7 @@ Only soft maps on D_p and scalars cross. One round after the warm-up (code order
    restored after the first forward, so they advance once per batch as in the official code).
    ``rhfl.collab_optimizer: fresh`` (default): a new Adam per step, as the official code, with
    ``rhfl.collab_lr`` or the client's current scheduled lr; ``party``: the client's own optimizer.
-3. **Local learning**: :func:`fed.hetero_local.hetero_local` (BASELINES section 12) with RHFL's SCE
+3. **Local learning**: :func:`fed.common.baseline_local.hetero_local` (BASELINES section 12) with RHFL's SCE
    (``rhfl.sce_alpha`` CE + ``rhfl.sce_beta`` RCE) on the confident pseudo-labels instead of CE (logged
    as ``unl_ce``), plus the harness supervised loss on D_p; ``train.local_epochs`` passes (RHFL's
    max(|public|/|private|, 1) epochs are not used: the harness's local step is shared).
@@ -49,9 +49,11 @@ import torch.nn.functional as F
 
 from utils.rng import clamped_noise, seed_torch
 
-from .base import Method, PerClient, one_hot, step
-from .hetero_local import confident_labels, hetero_local
-from .party import PUBLIC
+from fed.core.registry import register
+from fed.core.method import Method, PerClient, step
+from fed.common.labels import one_hot
+from fed.common.baseline_local import confident_labels, hetero_local
+from fed.core.party import PUBLIC
 
 COLLAB = "collaboration"  # the phase key of the collaborative public passes
 
@@ -128,6 +130,7 @@ def buffers_kept(model: torch.nn.Module):
 
 # --- the method -------------------------------------------------------------------------------------
 
+@register
 class RHFL(Method):
     name = "rhfl"
     sends = {"up": "per round: the client's mean SCE on its pseudo-labelled data (1 number); per public "

@@ -1,0 +1,20 @@
+"""The methods by name: each method file registers its class with :func:`register`; ``fed.methods``
+imports every file of its folder, so adding a method is adding one file there."""
+from __future__ import annotations
+
+from typing import Dict
+
+#: name -> method class, filled as ``fed.methods`` is imported (``import fed`` does it)
+METHODS: Dict[str, type] = {}
+
+
+def register(cls):
+    """Class decorator: make ``cls`` (a :class:`fed.core.method.Method` with its own ``name``) the method
+    of that name."""
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}: a registered method sets its own `name`")
+    if name in METHODS and METHODS[name] is not cls:
+        raise TypeError(f"{cls.__name__}: the method name {name!r} is taken by {METHODS[name].__name__}")
+    METHODS[name] = cls
+    return cls
