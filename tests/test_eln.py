@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.methods.eln import (ELNet, aux_gate, eln_input, ema_update, eln_loss, eln_pseudo_label, eln_target, pixel_contrastive,
+from fed.common.weights import ema_update
+from fed.methods.eln import (ELNet, aux_gate, eln_input, eln_loss, eln_pseudo_label, eln_target, pixel_contrastive,
                      projection_head)
-from fed.methods.semifl import IGNORE
+from utils.losses import IGNORE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,11 +48,11 @@ def test_ema_update_by_hand():
         student.weight.fill_(0.0)
         student.running_mean.fill_(2.0)
         student.num_batches_tracked.fill_(7)
-    ema_update(teacher, student, 0.995)
+    ema_update(teacher, student, 0.995, buffers="ema")
     assert teacher.weight.item() == pytest.approx(0.995)  # 0.995 * 1 + 0.005 * 0
     assert teacher.running_mean.item() == pytest.approx(0.01)  # 0.995 * 0 + 0.005 * 2
     assert teacher.num_batches_tracked.item() == 7  # integer buffers are copied
-    ema_update(teacher, student, 0.995)
+    ema_update(teacher, student, 0.995, buffers="ema")
     assert teacher.weight.item() == pytest.approx(0.995 ** 2)
 
 

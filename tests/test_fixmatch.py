@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.common.baseline_local import confident_labels, masked_ce
+from fed.common.baseline_local import confident_labels
+from utils.losses import masked_ce
 from utils.rng import generator
 from utils.strong_views import Mix, cutmix, strong_view
 

@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from fed.common.baseline_local import confident_labels, masked_ce
+from fed.common.baseline_local import confident_labels
+from utils.losses import masked_ce
 
 
 def test_confident_labels_and_all_pixel_denominator():

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_same_run, run_tiny, tiny_overrides
-from fed.methods.mean_teacher import (consistency_loss, consistency_weight, ema_alpha, ema_update, run_ramp_div,
+from fed.common.weights import ema_update
+from fed.methods.mean_teacher import (consistency_loss, consistency_weight, ema_alpha, run_ramp_div,
                                sigmoid_rampup)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ from fed.common.labels import pixel_accuracy
 from fed.common.hssf_local import rpg_correct
 from fed.methods.hssf import fold_teacher, fusion_mask, running_pick, teacher_mask
 from fed.common.hssf_local import pseudo_label
-from fed.methods.lssl import fedavg
+from fed.common.weights import fedavg
 from fed.core.run import train
 from fed.core.runner import nbytes
 from utils.logger import read_metrics

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.methods.semifl import IGNORE, fix_select, masked_ce, mixup_lambda, semifl_loss, server_momentum_step
+from fed.methods.semifl import fix_select, mixup_lambda, semifl_loss, server_momentum_step
+from utils.losses import IGNORE, masked_ce
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +48,7 @@ def test_mixup_loss_by_hand():
     assert fix.item() == pytest.approx(math.log(2))
     # lam * ln(4/3) + (1 - lam) * (ln 4 + ln 4/3) / 2
     assert mix.item() == pytest.approx(0.25 * math.log(4 / 3) + 0.75 * (math.log(4) + math.log(4 / 3)) / 2)
-    assert masked_ce(out_fix, torch.full((1, 1, 2), IGNORE)).item() == 0.0  # nothing valid: 0, not NaN
+    assert masked_ce(out_fix, torch.full((1, 1, 2), IGNORE), over="kept").item() == 0.0  # nothing valid: 0, not NaN
 
 
 def test_mixup_lambda_is_keyed():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_tiny
-from fed.methods.lssl import fedavg
+from fed.common.weights import fedavg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

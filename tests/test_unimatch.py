@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.common.baseline_local import masked_ce
+from utils.losses import masked_ce
 from fed.methods.unimatch import unimatch_unlabeled_loss
 from utils.rng import generator
 from utils.strong_views import Mix, cutmix, cutmix_box, mix_partner

@@ -80,3 +80,21 @@ def pixel_ce(pred: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Te
     if weight is not None:
         per_sample = per_sample * weight.to(per_sample.dtype)
     return per_sample.mean()
+
+
+#: the label of a pixel that no loss counts
+IGNORE = -1
+
+
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor] = None,
+              over: str = "all") -> torch.Tensor:
+    """Pixel cross-entropy summed over the ``keep`` pixels (B,H,W) bool; without ``keep``, the pixels whose
+    label is not :data:`IGNORE`. Divided by ``over``: ``"all"`` pixels (FixMatch's denominator:
+    unconfident pixels count as zero loss) or the ``"kept"`` ones (SemiFL, ELN; 0 where none is kept)."""
+    if over not in ("all", "kept"):
+        raise ValueError(f"over must be 'all' or 'kept', got {over!r}")
+    if keep is None:
+        keep, labels = labels != IGNORE, labels.clamp(min=0)
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    kept = keep.to(ce.dtype)
+    return (ce * kept).sum() / (ce.numel() if over == "all" else kept.sum().clamp(min=1))

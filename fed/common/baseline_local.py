@@ -22,20 +22,16 @@ scheduler step per local epoch, as everywhere.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from utils.losses import masked_ce
 from fed.common import diag
+from fed.common.epochs import local_epochs
 from fed.common.hssf_local import supervised_pass, unlabeled_pass
-
-
-def masked_ce(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Pixel CE summed over the ``keep`` pixels, divided by the number of all pixels (FixMatch's
-    denominator: unconfident pixels count as zero loss)."""
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    return (ce * keep.to(ce.dtype)).sum() / ce.numel()
 
 
 def confident_labels(logits: torch.Tensor, tau: float):
@@ -66,14 +62,15 @@ def pseudo_label_pass(party, rnd: int, epoch: int, cfg, regularizer: Optional[Ca
 
 
 def hetero_local(party, rnd: int, cfg, warm: bool, regularizer: Optional[Callable] = None,
-                 loss: Callable = masked_ce, forward_kw: Optional[dict] = None) -> None:
-    """``train.local_epochs`` passes of the shared local step (module docstring); ``warm``: D_p only."""
-    for e in range(cfg.train.local_epochs):
-        supervised_pass(party, "public", rnd, "local_public", e, cfg.hssf, regularizer=regularizer,
-                        forward_kw=forward_kw)
-        if not warm and party.has("unlabeled"):
-            if cfg.baselines.local_step == "hssf":
-                unlabeled_pass(party, rnd, e, cfg.hssf)
-            else:
-                pseudo_label_pass(party, rnd, e, cfg, regularizer, loss, forward_kw)
-        party.scheduler.step()
+                 loss: Callable = masked_ce, forward_kw: Optional[dict] = None, epochs: Optional[int] = None) -> None:
+    """``epochs`` (default ``train.local_epochs``) local epochs of the shared local step (module
+    docstring); ``warm``: D_p only."""
+    if warm:
+        unlabeled = None
+    elif cfg.baselines.local_step == "hssf":
+        unlabeled = functools.partial(unlabeled_pass, h=cfg.hssf)
+    else:
+        def unlabeled(p, r, e):
+            pseudo_label_pass(p, r, e, cfg, regularizer, loss, forward_kw)
+    local_epochs(party, rnd, cfg.train.local_epochs if epochs is None else epochs, cfg.hssf, labeled="public",
+                 unlabeled=unlabeled, regularizer=regularizer, forward_kw=forward_kw)

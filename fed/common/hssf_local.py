@@ -122,17 +122,3 @@ def unlabeled_pass(party, rnd: int, epoch: int, h) -> None:
         party.log.add(**{f"unl_{k}": v for k, v in terms.items()}, unl_kept=kept)
         diag.log(party, diag.pseudo_labels, pseudo, pred=p_w.argmax(1), img_kept=gate, conf=conf,
                  flipped=torch.zeros_like(pseudo, dtype=torch.bool) if flipped is None else flipped)
-
-
-def local_epochs(party, rnd: int, cfg, labeled: str, unlabeled: bool) -> None:
-    """``train.local_epochs`` passes of the local step, each followed by one scheduler step.
-
-    ``labeled``: the loader of labeled data (``"labeled"``: the client's own, ``"public"``: the public
-    set, as ``lssl`` and ``local`` use it); ``unlabeled``: whether the unlabeled pass runs.
-    """
-    for e in range(cfg.train.local_epochs):
-        if party.has(labeled):
-            supervised_pass(party, labeled, rnd, f"local_{labeled}", e, cfg.hssf)
-        if unlabeled and party.has("unlabeled"):
-            unlabeled_pass(party, rnd, e, cfg.hssf)
-        party.scheduler.step()

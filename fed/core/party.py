@@ -99,14 +99,19 @@ class Party:
         f = lambda t: t.float()  # losses in fp32
         return {k: tuple(map(f, v)) if isinstance(v, tuple) else f(v) for k, v in out.items()}
 
-    def step(self, loss: torch.Tensor, clip: float = 0.0) -> None:
-        """One optimizer step on ``loss``; ``clip > 0``: the gradient's norm clipped to it first."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, loss: torch.Tensor, clip: float = 0.0, also=()) -> None:
+        """One optimizer step on ``loss``; ``clip > 0``: the model gradient's norm clipped to it first.
+        ``also``: more optimizers (a method's own modules, e.g. ELN's projection head) stepped with the
+        model's, on the same scaled loss."""
+        optimizers = [self.optimizer, *also]
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.scaler.step(self.optimizer)
+        for o in optimizers:
+            self.scaler.step(o)
         self.scaler.update()
 
     @property

@@ -63,9 +63,10 @@ from utils.rng import generator, seed_torch
 from fed.common import diag
 from fed.core.registry import register
 from fed.core.method import PerClient, step
-from fed.common.hssf_local import local_epochs, supervised_pass
-from fed.methods.lssl import LSSL, fedavg
-from fed.methods.semifl import IGNORE, masked_ce
+from fed.common.epochs import local_epochs
+from fed.common.weights import clone_state, ema_update, fedavg
+from fed.methods.lssl import LSSL
+from utils.losses import IGNORE, masked_ce
 
 
 # --- the pieces of ELN, as pure functions ---------------------------------------------------------
@@ -103,18 +104,6 @@ def eln_pseudo_label(teacher_logits: torch.Tensor, eln_logit: torch.Tensor, thre
     keep = torch.sigmoid(eln_logit.float()[:, 0]) > threshold
     pred = teacher_logits.argmax(1)
     return torch.where(keep, pred, torch.full_like(pred, IGNORE))
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``t = m t + (1 - m) s`` for parameters and float buffers; other buffers copied."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        if t.is_floating_point():
-            t.mul_(momentum).add_(s, alpha=1 - momentum)
-        else:
-            t.copy_(s)
 
 
 def pixel_contrastive(anchor: torch.Tensor, other: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -200,7 +189,7 @@ def forward_with_feature(forward, model: nn.Module, x: torch.Tensor):
 
 
 def _prefixed(prefix: str, sd: dict) -> dict:
-    return {f"{prefix}.{k}": v.detach().clone() for k, v in sd.items()}
+    return {f"{prefix}.{k}": v for k, v in clone_state(sd).items()}
 
 
 def _part(flat: dict, prefix: str) -> dict:
@@ -364,7 +353,7 @@ class ELN(LSSL):
     def local(self, client, msg, rnd: int, stage: str) -> None:
         x, c = client.extra, self.cfg.eln
         if stage != "ssl":
-            local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=False)
+            local_epochs(client, rnd, self.cfg.train.local_epochs, self.cfg.hssf, labeled="public")
             if stage == "eln" and c.mapping == "clients":
                 self.train_eln(client, rnd=rnd)
             return
@@ -373,16 +362,17 @@ class ELN(LSSL):
             if c.contrastive:
                 x["proj_t"].load_state_dict(x["proj"].state_dict())
             x["has_teacher"] = True
-        for e in range(self.cfg.train.local_epochs):
+
+        def reset(e):
             if c.reset_student:
                 client.model.load_state_dict(x["teacher"].state_dict())
                 if c.contrastive:
                     x["proj"].load_state_dict(x["proj_t"].state_dict())
-            if client.has("public"):
-                supervised_pass(client, "public", rnd, "local_public", e, self.cfg.hssf)
-            if client.has("unlabeled") and (x["has_eln"] or c.mapping == "clients"):  # none: it sat out
-                self._ssl_pass(client, rnd, e)  # the round that delivered the ELN (it asks again)
-            client.scheduler.step()
+
+        # no ELN: the client sat out the round that delivered it (it asks again)
+        ssl = self._ssl_pass if x["has_eln"] or c.mapping == "clients" else None
+        local_epochs(client, rnd, self.cfg.train.local_epochs, self.cfg.hssf, labeled="public", unlabeled=ssl,
+                     before=reset)
 
     def _ssl_pass(self, client, rnd: int, e: int) -> None:
         x, c = client.extra, self.cfg.eln
@@ -403,18 +393,18 @@ class ELN(LSSL):
                 (out_w, s_feat), (out_a, a_feat) = (forward_with_feature(client.forward, client.model, v) for v in (w, aug))
             else:
                 out_w, out_a = client.forward(w), client.forward(aug)
-            ce_u = masked_ce(out_w["mask"], pseudo)
-            ce_aug = masked_ce(out_a["mask"], pseudo)
+            ce_u = masked_ce(out_w["mask"], pseudo, over="kept")
+            ce_aug = masked_ce(out_a["mask"], pseudo, over="kept")
             terms = {"eln_ce_u": ce_u, "eln_ce_aug": ce_aug}
             if c.contrastive:
                 gen = lambda: generator(self.cfg.seed, rnd, client.name, "crops", e, b)  # noqa: E731 - the same crops for both views
                 terms["eln_contrast"] = self._contrast(client, s_feat, t_feat, pseudo, gen())
                 terms["eln_contrast_aug"] = self._contrast(client, a_feat, t_feat, pseudo, gen())
             loss = sum(terms.values())
-            self._step(client, loss)
-            ema_update(teacher, client.model, c.ema)
+            client.step(loss, also=[x["proj_opt"]] if "proj_opt" in x else [])
+            ema_update(teacher, client.model, c.ema, buffers="ema")
             if c.contrastive:
-                ema_update(x["proj_t"], x["proj"], c.ema)
+                ema_update(x["proj_t"], x["proj"], c.ema, buffers="ema")
             client.log.add(**terms, eln_kept=(pseudo != IGNORE).float().mean())
             diag.log(client, diag.pseudo_labels, t_logits.argmax(1), pred=out_w["mask"].argmax(1),
                      pix_kept=pseudo != IGNORE)  # labels: the teacher's argmax, kept where the ELN trusts it
@@ -434,13 +424,3 @@ class ELN(LSSL):
                                     c.temperature)
                   for t, l, s in crop_boxes(c.crops, h, w, c.crop_size, gen)]
         return torch.stack(losses).mean()
-
-    @staticmethod
-    def _step(client, loss: torch.Tensor) -> None:
-        opts = [client.optimizer] + ([client.extra["proj_opt"]] if "proj_opt" in client.extra else [])
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        client.scaler.scale(loss).backward()
-        for o in opts:
-            client.scaler.step(o)
-        client.scaler.update()

@@ -29,6 +29,7 @@ holds D_p and rebuilds each pass's batches from their key):
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -41,7 +42,8 @@ from fed.core.registry import register
 from fed.core.method import Method, PerClient, step
 from fed.common.labels import one_hot, pixel_accuracy
 from fed.common.hssf_local import rpg_correct
-from fed.common.hssf_local import local_epochs
+from fed.common.epochs import local_epochs
+from fed.common.hssf_local import unlabeled_pass
 
 
 # --- the decisions of HSSF, as pure functions ---------------------------------------------------
@@ -264,4 +266,8 @@ class HSSF(Method):
 
     @step
     def local(self, client, msg, rnd: int, warm: bool) -> None:
-        local_epochs(client, rnd, self.cfg, labeled="labeled", unlabeled=not warm)
+        """HSSF's local step: per local epoch the supervised pass on the client's own labeled files (none
+        in the paper's setting), then (after the warm-up) the unlabeled pass of :mod:`fed.common.hssf_local`."""
+        h = self.cfg.hssf
+        local_epochs(client, rnd, self.cfg.train.local_epochs, h, labeled="labeled",
+                     unlabeled=None if warm else functools.partial(unlabeled_pass, h=h))

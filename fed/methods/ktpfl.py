@@ -40,7 +40,6 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from utils.config import Config
 
 from fed.core.registry import register
 from fed.core.method import Method, PerClient, step
@@ -189,7 +188,4 @@ class KTpFL(Method):
     def local(self, client, msg, rnd: int, warm: bool) -> None:
         t = self.cfg.train
         epochs = ramp_epochs(rnd, t.warmup_rounds, self.cfg.ktpfl.local_ramp, t.local_epochs)
-        cfg = self.cfg
-        if epochs != t.local_epochs:  # the ramp: the same settings with this round's local epochs
-            cfg = Config({**cfg, "train": Config({**t, "local_epochs": epochs})})
-        hetero_local(client, rnd, cfg, warm)
+        hetero_local(client, rnd, self.cfg, warm, epochs=epochs)

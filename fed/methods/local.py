@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from fed.core.registry import register
 from fed.core.method import Method, step
-from fed.common.hssf_local import local_epochs
+import functools
+
+from fed.common.epochs import local_epochs
+from fed.common.hssf_local import unlabeled_pass
 
 
 @register
@@ -23,4 +26,6 @@ class Local(Method):
 
     @step
     def local(self, client, msg, rnd: int) -> None:
-        local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=True)
+        h = self.cfg.hssf
+        local_epochs(client, rnd, self.cfg.train.local_epochs, h, labeled="public",
+                     unlabeled=functools.partial(unlabeled_pass, h=h))

@@ -29,20 +29,9 @@ import torch
 
 from fed.core.registry import register
 from fed.core.method import Method, step
-from fed.common.hssf_local import supervised_pass, unlabeled_pass
-
-
-@torch.no_grad()
-def fedavg(state_dicts: List[dict], weights=None) -> dict:
-    """Weighted average of every entry, accumulated in float64 in list order (integer buffers are
-    averaged and rounded back)."""
-    n = len(state_dicts)
-    weights = weights or [1.0 / n] * n
-    out = {}
-    for k, v0 in state_dicts[0].items():
-        acc = sum(w * sd[k].double() for w, sd in zip(weights, state_dicts))
-        out[k] = acc.round().to(v0.dtype) if not v0.is_floating_point() else acc.to(v0.dtype)
-    return out
+from fed.common.epochs import local_epochs
+from fed.common.weights import clone_state, fedavg
+from fed.common.hssf_local import unlabeled_pass
 
 
 @register
@@ -79,7 +68,7 @@ class LSSL(Method):
 
     @step(read_only=True)
     def send_weights(self, client, msg, rnd: int, start: bool = False) -> dict:
-        return {k: v.detach().clone() for k, v in client.model.state_dict().items()}
+        return clone_state(client.model.state_dict())
 
     @step
     def aggregate(self, server, weights: List[dict]) -> dict:
@@ -99,18 +88,9 @@ class LSSL(Method):
 
     @step
     def local(self, client, msg, rnd: int, warm: bool) -> None:
-        self.local_epochs(client, rnd, warm)
-
-    def local_epochs(self, client, rnd: int, warm: bool) -> None:
-        """:func:`fed.common.hssf_local.local_epochs` with D_p as labeled data and this method's unlabeled pass:
-        per local epoch the supervised pass on D_p, then (after the warm-up) :meth:`unlabeled_pass`,
-        then one scheduler step."""
-        for e in range(self.cfg.train.local_epochs):
-            if client.has("public"):
-                supervised_pass(client, "public", rnd, "local_public", e, self.cfg.hssf)
-            if not warm and client.has("unlabeled"):
-                self.unlabeled_pass(client, rnd, e)
-            client.scheduler.step()
+        """Per local epoch the supervised pass on D_p, then (after the warm-up) :meth:`unlabeled_pass`."""
+        local_epochs(client, rnd, self.cfg.train.local_epochs, self.cfg.hssf, labeled="public",
+                     unlabeled=None if warm else self.unlabeled_pass)
 
     def unlabeled_pass(self, client, rnd: int, epoch: int) -> None:
         """One pass over the client's unlabeled data (LSSL: the HSSF local step of :mod:`fed.common.hssf_local`)."""

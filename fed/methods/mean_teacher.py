@@ -53,7 +53,8 @@ from utils.rng import clamped_noise
 from fed.common import diag
 from fed.core.registry import register
 from fed.core.method import step
-from fed.methods.lssl import LSSL, fedavg
+from fed.common.weights import clone_state, ema_update, fedavg
+from fed.methods.lssl import LSSL
 
 
 # --- Mean Teacher's pieces, as pure functions ------------------------------------------------------
@@ -90,16 +91,6 @@ def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor)
     return ((F.softmax(student_logits, dim=1) - F.softmax(teacher_logits, dim=1)) ** 2).mean()
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
-    """``teacher_p = alpha * teacher_p + (1 - alpha) * student_p`` for every parameter; every buffer
-    (BatchNorm statistics) copied from the student."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(alpha).add_(s.detach(), alpha=1 - alpha)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(s)
-
-
 @register
 class MeanTeacher(LSSL):
     name = "mean_teacher"
@@ -125,7 +116,7 @@ class MeanTeacher(LSSL):
             return student
         if start or self.warm(rnd):  # no unlabeled step yet / this round: the teacher becomes the student
             return {"student": student}
-        teacher = {k: p.detach().clone() for k, p in client.extra["teacher"].named_parameters()}
+        teacher = clone_state(dict(client.extra["teacher"].named_parameters()))
         return {"student": student, "teacher": teacher}
 
     @step
@@ -167,7 +158,7 @@ class MeanTeacher(LSSL):
                 cons = consistency_loss(student_logits, teacher_logits)
             if weight > 0:
                 client.step(weight * cons)
-            ema_update(teacher, client.model, ema_alpha(step, m.ema_decay))
+            ema_update(teacher, client.model, ema_alpha(step, m.ema_decay), buffers="copy")
             client.extra["mt_step"] = step + 1
             client.log.add(unl_cons=cons, unl_cons_weight=weight)
             # soft targets: the teacher's argmax as the pseudo-labels; no mask

@@ -11,7 +11,7 @@ from __future__ import annotations
 from fed.core.registry import register
 from fed.core.method import step
 from fed.methods.local import Local
-from fed.common.hssf_local import local_epochs
+from fed.common.epochs import local_epochs
 
 
 @register
@@ -22,4 +22,4 @@ class PublicOnly(Local):
 
     @step
     def local(self, client, msg, rnd: int) -> None:
-        local_epochs(client, rnd, self.cfg, labeled="public", unlabeled=False)
+        local_epochs(client, rnd, self.cfg.train.local_epochs, self.cfg.hssf, labeled="public")

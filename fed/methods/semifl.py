@@ -41,6 +41,7 @@ the H1 protocol of lssl.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -51,12 +52,13 @@ import torch.nn.functional as F
 from utils.rng import derive_seed
 
 from fed.common import diag
-from fed.common.hssf_local import supervised_pass
+from fed.common.epochs import local_epochs
 from fed.core.registry import register
 from fed.core.method import step
-from fed.methods.lssl import LSSL, fedavg
+from utils.losses import IGNORE, masked_ce
+from fed.common.weights import clone_state, fedavg
+from fed.methods.lssl import LSSL
 
-IGNORE = -1
 
 
 # --- the pieces of SemiFL, as pure functions ------------------------------------------------------
@@ -71,17 +73,11 @@ def fix_select(logits: torch.Tensor, tau: float) -> Tuple[torch.Tensor, torch.Te
     return confident.flatten(1).any(dim=1), fix, hard
 
 
-def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Pixel CE averaged over the pixels not ``IGNORE`` (0 where there are none)."""
-    per_pixel = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-    valid = (labels != IGNORE).to(per_pixel.dtype)
-    return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
-
-
 def semifl_loss(out_fix: torch.Tensor, y_fix: torch.Tensor, out_mix: torch.Tensor, y_a: torch.Tensor,
                 y_b: torch.Tensor, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(fix, mix)``: ``CE(out_fix, y_fix)`` and ``lam CE(out_mix, y_a) + (1 - lam) CE(out_mix, y_b)``."""
-    return masked_ce(out_fix, y_fix), lam * masked_ce(out_mix, y_a) + (1 - lam) * masked_ce(out_mix, y_b)
+    ce = functools.partial(masked_ce, over="kept")
+    return ce(out_fix, y_fix), lam * ce(out_mix, y_a) + (1 - lam) * ce(out_mix, y_b)
 
 
 def mixup_lambda(alpha: float, *key) -> float:
@@ -158,15 +154,14 @@ class SemiFL(LSSL):
 
     @step
     def finetune(self, server, msg, rnd: int) -> None:
-        for e in range(self.cfg.semifl.server_epochs):
-            supervised_pass(server, "public", rnd, "finetune", e, self.cfg.hssf, clip=self.cfg.semifl.clip)  # Server.train clips too
-        server.scheduler.step()
+        local_epochs(server, rnd, self.cfg.semifl.server_epochs, self.cfg.hssf, labeled="public", phase="finetune",
+                     schedule="round", clip=self.cfg.semifl.clip)  # Server.train clips too
 
     @step
     def broadcast(self, server, msg, rnd: int, sbn: bool) -> dict:
         if sbn:
             recompute_bn(server, "public", rnd)
-        return {k: v.detach().clone() for k, v in server.model.state_dict().items()}
+        return clone_state(server.model.state_dict())
 
     # --- clients --------------------------------------------------------------------------------
     @step
@@ -180,11 +175,9 @@ class SemiFL(LSSL):
         labeller = client.extra["global"]
         client.model.load_state_dict(labeller.state_dict())
         labeller.eval()
-        if client.has("unlabeled"):
-            for e in range(s.local_epochs):
-                self._epoch(client, labeller, rnd, e)
-        client.scheduler.step()
-        return {k: v.detach().clone() for k, v in client.model.state_dict().items()}
+        local_epochs(client, rnd, s.local_epochs, self.cfg.hssf, schedule="round",
+                     unlabeled=lambda party, r, e: self._epoch(party, labeller, r, e))
+        return clone_state(client.model.state_dict())
 
     def _epoch(self, client, labeller, rnd: int, e: int) -> None:
         s = self.cfg.semifl
