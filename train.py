@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description="Train HSSF (or a baseline) in a single-process federation. With no arguments it runs "
                     f"the demo ({DEMO_CONFIG.parent.name}/{DEMO_CONFIG.name}: a synthetic 3-client federation, "
-                    "about five minutes on a laptop CPU).")
+                    "about two minutes on a 2-core CPU).")
     ap.add_argument("--config", help="YAML experiment file (configs/*.yaml); default, without --resume: "
                                      "the demo, configs/demo.yaml of this repository")
     ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",

@@ -80,8 +80,6 @@ class Party:
         self.scaler = torch.amp.GradScaler(amp.device.type, enabled=amp.needs_scaler)
         self.loaders = {k: v for k, v in loaders.items() if v is not None}
         self.log = LossLog()
-        # what a method keeps on the party between its steps (lssl: the global model it received);
-        # rebuilt by the method within each round, so not part of the training state
         #: what a method keeps on this party between rounds (a teacher model, a prototype, a matrix):
         #: modules/optimizers made by ``Method.setup`` (restored by ``load_state_dict``), or tensors and
         #: plain values (replaced). Saved with the party's state (resume, Flower sites).
