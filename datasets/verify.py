@@ -417,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set, general_only=True)  # no method's settings are needed
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

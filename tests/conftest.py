@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fed  # noqa: F401,E402  (every method registers its configuration section: utils.config.load_config knows them all)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

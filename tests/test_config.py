@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+import fed  # noqa: F401  (every method's section of the schema)
 from utils.config import SCHEMA, ConfigError, Key, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +92,27 @@ def _keys(schema, prefix=""):
 
 
 def test_configuration_reference_documents_every_key():
+    """docs/configuration.md holds what ``python -m fed`` prints now: every method and every key."""
+    from fed.__main__ import reference as generated
+
     reference = (ROOT / "docs" / "configuration.md").read_text()
     missing = [k for k in _keys(SCHEMA) if f"`{k}`" not in reference]
     assert not missing, f"docs/configuration.md does not document: {missing}"
+    assert generated().strip() in reference, "docs/configuration.md is out of date: paste the output of python -m fed"
+    assert all(f"`{m}`" in reference for m in fed.METHODS)
+
+
+def test_methods_declare_their_own_sections():
+    """Each method's options are its own section of the schema, and a section is defined once."""
+    from utils.config import GENERAL, Key, add_section
+
+    assert SCHEMA["fedmd"] is fed.METHODS["fedmd"].options and SCHEMA["hssf"] is fed.METHODS["hssf"].options
+    assert list(SCHEMA)[:len(GENERAL) - 1] == [k for k in GENERAL if k != "output"] and list(SCHEMA)[-1] == "output"
+    with pytest.raises(ValueError, match="section 'fedmd' is defined twice"):
+        add_section("fedmd", {"x": Key(1, int, "x")})
+    cfg = load_config(None, ["fedmd.digest_epochs=3"])
+    assert cfg.fedmd.digest_epochs == 3 and cfg.rhfl.sce_beta == 1.0
+    with pytest.raises(ConfigError, match="fedmd.digest_epoch"):
+        load_config(None, ["fedmd.digest_epoch=3"])
+    data_only = load_config(None, ["fedmd.digest_epochs=3", "data.size=64"], general_only=True)
+    assert "fedmd" not in data_only and data_only.data.size == 64

@@ -98,3 +98,34 @@ def test_read_only_steps_change_nothing_on_their_party(tmp_path, monkeypatch, va
     overrides, expected = VARIANTS[variant]
     run_tiny(tmp_path, variant, *overrides, "train.rounds=3")
     assert seen == expected
+
+
+def test_a_new_method_is_one_class(tmp_path):
+    """A method defined anywhere (here: in a test) with @register, its options and its steps runs with
+    nothing else edited: its section is in the schema, its name is a valid `method`, the run uses it."""
+    import utils.config as C
+    from fed.common.epochs import local_epochs
+    from fed.core.registry import METHODS, register
+    from utils.config import Key, non_negative
+
+    @register
+    class PublicTwice(Method):
+        name = "public_twice"
+        options = {"passes": Key(2, int, "passes over D_p per round", check=non_negative)}
+
+        def run_round(self, r, rnd):
+            with r.phase("local"):
+                r.clients(self.train_public, rnd=rnd)
+
+        @step
+        def train_public(self, client, msg, rnd):
+            local_epochs(client, rnd, self.cfg.public_twice.passes, self.cfg.hssf, labeled="public")
+
+    try:
+        assert C.SCHEMA["public_twice"] is PublicTwice.options
+        with pytest.raises(C.ConfigError, match="public_twice.passes: must be >= 0"):
+            fed.load_config(None, ["method=public_twice", "public_twice.passes=-1"])
+        _, res = run_tiny(tmp_path, "twice", "method=public_twice", "public_twice.passes=1", "train.rounds=1")
+        assert res["rounds"] == 1 and 0 <= res["test"]["all"]["dice"]["mean"] <= 100
+    finally:
+        del METHODS["public_twice"], C.SCHEMA["public_twice"]

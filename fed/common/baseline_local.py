@@ -29,9 +29,21 @@ import torch
 import torch.nn.functional as F
 
 from utils.losses import masked_ce
+from utils.config import Key, add_section, non_negative, unit_interval
 from fed.common import diag
 from fed.common.epochs import local_epochs
 from fed.common.hssf_local import supervised_pass, unlabeled_pass
+
+
+#: the ``baselines.*`` section of the configuration (docs/configuration.md)
+OPTIONS = add_section("baselines", {
+    "local_step": Key("fixmatch", str, "Heterogeneous baselines' local step on unlabeled data "
+                      "(BASELINES.md section 12): `fixmatch` (pixel pseudo-labels from the weak view, "
+                      "confidence >= `baselines.tau`, CE on the strong view) or `hssf` (HSSF's local step).",
+                      choices=["fixmatch", "hssf"]),
+    "tau": Key(0.95, float, "Confidence threshold of the `fixmatch` local step.", check=unit_interval),
+    "unlabeled_weight": Key(1.0, float, "Weight of the local pseudo-label loss.", check=non_negative),
+})
 
 
 def confident_labels(logits: torch.Tensor, tau: float):

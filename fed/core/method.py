@@ -60,7 +60,8 @@ class LossLog:
 #: run asks of a method
 RESERVED = frozenset({"begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate",
                       "test_weights", "run_round", "setup", "warm", "eval_model", "check_config", "steps",
-                      "read_only", "name", "sends", "shared_model", "uses_warmup", "cfg"})
+                      "read_only", "name", "sends", "shared_model", "uses_warmup", "cfg", "options",
+                      "section"})
 
 
 def step(fn=None, *, read_only: bool = False):
@@ -83,6 +84,9 @@ class Method:
     shared_model = False
     #: False when the method ignores ``train.warmup_rounds`` (no round is logged as warm-up).
     uses_warmup = True
+    #: this method's settings, ``{key: utils.config.Key}``: the configuration section ``section`` (default:
+    #: ``name``), added to the schema when the method registers (docs/configuration.md is generated from it)
+    options: dict = {}
     #: what crosses between the parties, in words (docs, logs)
     sends = {"up": "nothing", "down": "nothing"}
     #: the method's steps, name -> {"read_only": bool}: collected from ``@step`` when the class is defined

@@ -60,6 +60,7 @@ import networks
 from networks.segmodel import upsample
 from utils.rng import generator, seed_torch
 
+from utils.config import Key, non_negative, positive, unit_interval
 from fed.common import diag
 from fed.core.registry import register
 from fed.core.method import PerClient, step
@@ -202,6 +203,31 @@ def _part(flat: dict, prefix: str) -> dict:
 @register
 class ELN(LSSL):
     name = "eln"
+    #: this method's settings, the ``eln.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "eln_rounds": Key(10, int, "ELN: rounds of ELN and aux-decoder training on D_p after the warm-up, before "
+                          "the SSL phase (BASELINES: about 10).", check=non_negative),
+        "eln_epochs": Key(1, int, "ELN: passes over D_p per ELN round by whoever trains the ELN.", check=positive),
+        "arch": Key("resnet34", str, "ELN: registry architecture of the error-localisation network (one output "
+                    "class), behind a 1x1-conv input adapter from [image, entropy, logits] (6 channels) to 3."),
+        "mapping": Key("server", str, "ELN: `server` trains the ELN and aux decoders at the server on D_p and "
+                       "sends the frozen ELN once; `clients`: every client trains them on D_p and they are "
+                       "FedAvg'd with the model.", choices=["server", "clients"]),
+        "aux_factors": Key([20.0, 50.0], list, "ELN: aux decoder i's CE counts only while >= c_i x main CE "
+                           "(two decoders: two factors).",
+                           check=lambda v: None if len(v) == 2 and all(isinstance(x, (int, float)) and
+                                                                       not isinstance(x, bool) and x >= 0
+                                                                       for x in v)
+                           else "must be two numbers >= 0 (one per auxiliary decoder)"),
+        "threshold": Key(0.5, float, "ELN: pseudo-labels kept where sigmoid(ELN) > this (0.5: the official round(sigmoid) = 1).", check=unit_interval),
+        "ema": Key(0.995, float, "ELN: EMA teacher momentum.", check=unit_interval),
+        "reset_student": Key(True, bool, "ELN: reset the student to the teacher at the start of every local "
+                             "epoch of the SSL phase (official); false: keep the received student."),
+        "contrastive": Key(True, bool, "ELN: pixel contrastive loss between student and teacher projections."),
+        "crops": Key(8, int, "ELN: random crops of the feature map per batch for the contrastive loss.", check=positive),
+        "crop_size": Key(32, int, "ELN: crop side (feature-map pixels, capped at the map size).", check=positive),
+        "temperature": Key(0.5, float, "ELN: contrastive temperature.", check=positive),
+    }
     shared_model = True
     sends = {"up": "model weights; in the SSL phase also the EMA teacher and, with eln.contrastive, the "
                    "student's and teacher's projection heads; eln.mapping clients: the ELN and aux decoders "

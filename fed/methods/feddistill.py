@@ -32,6 +32,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from utils.config import Key, non_negative
 from fed.core.registry import register
 from fed.core.method import Method, PerClient, step
 from fed.common.baseline_local import hetero_local
@@ -98,6 +99,15 @@ LOSSES = {"mse": mse_to_label, "kl": kl_to_label}
 @register
 class FedDistill(Method):
     name = "feddistill"
+    #: this method's settings, the ``feddistill.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "weight": Key(1.0, float, "FedDistill: weight lambda of the regulariser toward the global per-label "
+                      "logits (PFLlib `lamda`).", check=non_negative),
+        "loss": Key("mse", str, "FedDistill regulariser: `mse` (PFLlib: MSE(logit, global logit of its label)) "
+                    "or `kl` (FedGen: KL(softmax(global logit) || softmax(logit))).", choices=["mse", "kl"]),
+        "leave_one_out": Key(False, bool, "FedDistill: client k's teacher excludes its own logits, "
+                             "(M F - F_k) / (M - 1) (Jeong et al.); false: the mean of all clients (PFLlib)."),
+    }
     sends = {"up": "per-label mean logits (2,2) over the last local training and the labels seen (2,)",
              "down": "the clients' per-label mean logits (2,2) (leave-one-out: the other clients') and "
                      "which labels have one (2,)"}

@@ -25,6 +25,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from utils.config import Key, non_negative
 from fed.core.registry import register
 from fed.core.method import Method, step
 from fed.common.baseline_local import hetero_local
@@ -51,6 +52,17 @@ def digest_loss(logits: torch.Tensor, target: torch.Tensor, average: str = "logi
 @register
 class FedMD(Method):
     name = "fedmd"
+    #: this method's settings, the ``fedmd.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "digest_epochs": Key(1, int, "FedMD: Digest passes over the round's public pass (L1 regression to the "
+                             "consensus; FedMD_clean `N_logits_matching_round`).", check=non_negative),
+        "average": Key("logits", str, "FedMD: what the consensus averages: `logits` (raw logits, the original) "
+                       "or `probs` (softmax probabilities: less scale-sensitive across architectures; the digest "
+                       "then regresses the softmax).", choices=["logits", "probs"]),
+        "logits_dtype": Key("float32", str, "FedMD exchange reduction (lossy): `float16` sends the public "
+                            "logits and the consensus in half precision (averaged in fp32).",
+                            choices=["float32", "float16"]),
+    }
     sends = {"up": "per-pixel raw logits (N,2,H,W) on the round's public pass (`fedmd.average: probs`: "
                    "softmax probabilities)",
              "down": "the consensus: the clients' mean (N,2,H,W)"}

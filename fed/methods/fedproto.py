@@ -40,6 +40,7 @@ import networks
 from networks.segmodel import feature_channels
 from utils.rng import generator
 
+from utils.config import Key, non_negative, positive
 from fed.core.registry import register
 from fed.core.method import Method, step
 from fed.common.labels import one_hot
@@ -134,6 +135,23 @@ def projection(seed: int, width: int, dim: int) -> torch.Tensor:
 @register
 class FedProto(Method):
     name = "fedproto"
+    #: this method's settings, the ``fedproto.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "ld": Key(1.0, float, "FedProto: weight lambda of the prototype regulariser (official `--ld` 1).",
+                  check=non_negative),
+        "level": Key("pixel", str, "FedProto: `pixel` (per-pixel MSE between the decoder feature and the global "
+                     "prototype of the pixel's label) or `batch` (the batch's masked-average prototype per "
+                     "class against the global one; cheaper, not per pixel).", choices=["pixel", "batch"]),
+        "weighting": Key("uniform", str, "FedProto: the server's mean of the client prototypes per class: "
+                         "`uniform` (official code) or `counts` (weighted by pixel counts, as the paper; "
+                         "clients then send their counts).", choices=["uniform", "counts"]),
+        "projection": Key("auto", str, "FedProto, clients of different feature widths: `auto` (a fixed "
+                          "random 1x1 projection to `fedproto.dim` for each client whose width differs; "
+                          "not trained) or `off` (such a federation is a config error).",
+                          choices=["auto", "off"]),
+        "dim": Key(256, int, "FedProto: prototype width when client feature widths differ (the DeepLabV3+ "
+                   "decoder's 256).", check=positive),
+    }
     sends = {"up": "per round: the client's prototype per class (2, D) float32 of its last local epoch and "
                    "which classes it saw (2,) bool (fedproto.weighting: counts: pixel counts (2,) int64)",
              "down": "the global prototypes (2, D) float32 and which classes have one (2,) bool"}

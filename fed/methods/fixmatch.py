@@ -30,6 +30,7 @@ import torch
 from utils.rng import generator
 from utils.strong_views import cutmix, strong_view
 
+from utils.config import Key, non_negative, unit_interval
 from fed.common import diag
 from fed.common.baseline_local import confident_labels, masked_ce
 from fed.core.registry import register
@@ -39,6 +40,19 @@ from fed.methods.lssl import LSSL
 @register
 class FixMatch(LSSL):
     name = "fixmatch"
+    #: this method's settings, the ``fixmatch.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "threshold": Key(0.95, float, "FixMatch: pixel confidence threshold of the weak view's pseudo-labels.",
+                         check=unit_interval),
+        "unlabeled_weight": Key(1.0, float, "FixMatch: weight `lambda_u` of the unlabeled loss relative to "
+                                "the supervised pass's loss (weight 1).", check=non_negative),
+        "strong": Key("unimatch", str, "FixMatch's strong view: `unimatch` (built from the weak view: colour "
+                      "jitter, grayscale, blur as UniMatch's FixMatch) or `randaugment` (the loaders' strong "
+                      "view: the weak view + RandAugmentMC(2, 10) + noise, as HSSF's local step).",
+                      choices=["unimatch", "randaugment"]),
+        "cutmix": Key(True, bool, "FixMatch: CutMix on the strong view (p 0.5, 2-40% of the image) with the "
+                      "mixing image's pseudo-labels inside the box, as UniMatch's FixMatch."),
+    }
 
     def unlabeled_pass(self, client, rnd: int, epoch: int) -> None:
         f, phase = self.cfg.fixmatch, "local_unlabeled"

@@ -37,6 +37,7 @@ import torch
 from networks.segmodel import upsample
 from utils.losses import confidence_loss, kl_loss, structure_loss
 
+from utils.config import Key, non_negative, positive, unit_interval
 from fed.common import diag
 from fed.core.registry import register
 from fed.core.method import Method, PerClient, step
@@ -138,6 +139,32 @@ def fusion_mask(g0: torch.Tensor, client_acc: torch.Tensor) -> torch.Tensor:
 @register
 class HSSF(Method):
     name = "hssf"
+    #: this method's settings, the ``hssf.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "confide_theta": Key(4.0, float, "Weight of the Self-Assessment loss.", check=non_negative),
+        "kl_theta": Key(10.0, float, "Weight of the KL terms of Condensation and Fusion.", check=non_negative),
+        "unlabel_theta": Key(1.0, float, "Weight of the unlabeled loss.", check=non_negative),
+        "temperature": Key(2.0, float, "KL temperature.", check=positive),
+        "rpg_threshold": Key(0.3, float, "RPG: flip predictions where SA confidence is below this "
+                             "(official `unlabel_threshold`).", check=unit_interval),
+        "sample_threshold": Key(0.75, float, "Sample gate on mean confidence / grade (official "
+                                "`unlabel_thres`).", check=unit_interval),
+        "feature_perturbation": Key(True, bool, "Feature-perturbation consistency in the local step."),
+        "rpg": Key(True, bool, "Reliable Pseudo-label Generation in the local step (flip + sample gate); "
+                   "off = plain pseudo-labels, no gate (whatever `hssf.rpg_flip` and `hssf.sample_gate`)."),
+        "rpg_flip": Key(True, bool, "RPG's flip (with `hssf.rpg`): the local step's pseudo-label is flipped "
+                        "where the higher SA confidence is below `rpg_threshold`; off = no flip (ablation)."),
+        "sample_gate": Key(True, bool, "RPG's sample gate (with `hssf.rpg`): the local step keeps images whose "
+                           "mean SA confidence exceeds `sample_threshold`; off = every image (ablation)."),
+        "grades_first": Key(False, bool, "Exchange reduction (exact): Condensation collects grades first, "
+                            "then only the logits the server can use (each sample's best client, where its "
+                            "grade passes `sample_threshold`); clients recompute those batches."),
+        "logits_at": Key("input", str, "Exchange reduction (exact up to rounding): `head` sends logits at "
+                         "the decoder head's resolution (stride 4 for DeepLabV3+), upsampled by the "
+                         "receiver; `input`: at the input size.", choices=["input", "head"]),
+        "logits_dtype": Key("float32", str, "Exchange reduction (lossy): `float16` sends logits in half "
+                            "precision (used in fp32).", choices=["float32", "float16"]),
+    }
     sends = {"up": "per pass of Condensation: logits (N,2,H,W) and pixel-accuracy grades (N,) on the "
                    "public batches",
              "down": "per pass of Fusion: the server's logits (N,2,H,W) and RPG-corrected grades (N,) "

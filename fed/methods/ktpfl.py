@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 
+from utils.config import Key, non_negative, positive
 from fed.core.registry import register
 from fed.core.method import Method, PerClient, step
 from fed.common.baseline_local import hetero_local
@@ -134,6 +135,21 @@ def ramp_epochs(rnd: int, warmup: int, cap: int, default: int) -> int:
 @register
 class KTpFL(Method):
     name = "ktpfl"
+    #: this method's settings, the ``ktpfl.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "temperature": Key(10.0, float, "KT-pFL: temperature T of the soft predictions softmax(logits/T) and "
+                           "of the distillation (code `Temp`).", check=positive),
+        "rho": Key(0.7, float, "KT-pFL: weight of the penalty MSE(c_n, 1/K) in the update of the "
+                   "knowledge-coefficient matrix (code `penalty_ratio`).", check=non_negative),
+        "distill_epochs": Key(1, int, "KT-pFL: distillation passes over the round's public pass (code "
+                              "`N_logits_matching_round`).", check=non_negative),
+        "local_ramp": Key(0, int, "KT-pFL: 0 = `train.local_epochs` local epochs every round (the shared "
+                          "harness); N > 0 = the code's ramp: min(j + 1, N) local epochs in the j-th round "
+                          "after the warm-up (code: N = 10; up to N times the local cost).", check=non_negative),
+        "soft_dtype": Key("float32", str, "KT-pFL exchange reduction (lossy): `float16` sends the soft "
+                          "predictions and the personalised targets in half precision.",
+                          choices=["float32", "float16"]),
+    }
     sends = {"up": "soft predictions softmax(logits/T) (N,2,H,W) on the round's public pass",
              "down": "the client's personalised target sum_m c_nm s_m (N,2,H,W)"}
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from utils.rng import clamped_noise
 
+from utils.config import Key, non_negative, positive, unit_interval
 from fed.common import diag
 from fed.core.registry import register
 from fed.core.method import step
@@ -94,6 +95,33 @@ def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor)
 @register
 class MeanTeacher(LSSL):
     name = "mean_teacher"
+    #: this method's settings, the ``mean_teacher.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "ema_decay": Key(0.99, float, "Mean Teacher: EMA decay of the teacher, `alpha = min(1 - 1/(step+1), "
+                         "ema_decay)` (SSL4MIS 0.99; the paper's later phase and HSSF's ModelEMA: 0.999).",
+                         check=unit_interval),
+        "consistency": Key(0.1, float, "Mean Teacher: maximum consistency weight (SSL4MIS `consistency`).",
+                           check=non_negative),
+        "ramp_length": Key(200.0, float, "Mean Teacher: sigmoid ramp-up `w = consistency * exp(-5 (1 - "
+                           "min(t / ramp_length, 1))^2)` with `t = floor(step / ramp_div)` (SSL4MIS 200).",
+                           check=positive),
+        "ramp_div": Key(150, int, "Mean Teacher: unlabeled steps per ramp unit `t` (SSL4MIS 150: the ramp "
+                        "ends after 30000 steps, its whole run). A step is one of the client's unlabeled "
+                        "batches (the counter lives with the client across rounds; the warm-up takes no "
+                        "unlabeled steps); to end the ramp after N steps set `ramp_div = N / ramp_length`; 0: "
+                        "each client's own number of unlabeled steps in the run (the ramp ends with the run).",
+                        check=non_negative),
+        "zero_steps": Key(1000, int, "Mean Teacher: the consistency weight is 0 for the client's first "
+                          "`zero_steps` unlabeled steps (SSL4MIS 1000 iterations; scale with `ramp_div`). "
+                          "The teacher still follows the student; no optimizer step is taken.",
+                          check=non_negative),
+        "noise_std": Key(0.1, float, "Mean Teacher: std of the Gaussian noise on the teacher's input, "
+                         "clamped to +-2 std (SSL4MIS 0.1, clamp 0.2).", check=non_negative),
+        "teacher": Key("fedavg", str, "Mean Teacher in FL: `fedavg` (after the warm-up clients send the "
+                       "teacher's parameters too; both averaged; the teacher's BN buffers are the student's) or `reset` "
+                       "(teacher := the global model at the start of every round; student weights only).",
+                       choices=["fedavg", "reset"]),
+    }
     sends = {"up": "student weights (every state-dict entry); with mean_teacher.teacher fedavg, after the "
                    "warm-up, also the teacher's parameters",
              "down": "the averaged student weights (and, with fedavg, the averaged teacher parameters)"}

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from utils.rng import clamped_noise, seed_torch
 
+from utils.config import Key, non_negative, positive
 from fed.core.registry import register
 from fed.core.method import Method, PerClient, step
 from fed.common.labels import one_hot
@@ -133,6 +134,26 @@ def buffers_kept(model: torch.nn.Module):
 @register
 class RHFL(Method):
     name = "rhfl"
+    #: this method's settings, the ``rhfl.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "sce_alpha": Key(0.1, float, "RHFL: weight of CE in the symmetric CE of the local step and CCR.",
+                         check=non_negative),
+        "sce_beta": Key(1.0, float, "RHFL: weight of reverse CE (`-sum p log clamp(onehot, 1e-4, 1)`).",
+                        check=non_negative),
+        "ccr": Key(True, bool, "RHFL: Client Confidence Re-weighting of the collaborative KL terms; off: "
+                   "every weight 1/(K-1)."),
+        "ccr_beta": Key(0.5, float, "RHFL: CCR `F_k = 1/(K-1) + beta Q_k / sum Q` (official 0.5).",
+                        check=non_negative),
+        "collab_epochs": Key(1, int, "RHFL: passes over D_p of collaborative learning per round.",
+                             check=non_negative),
+        "collab_optimizer": Key("fresh", str, "RHFL: each collaborative step uses a `fresh` Adam (as the "
+                                "official code: a new one per step, so a sign-like first step) or the "
+                                "client's own optimizer (`party`: AdamW with its state and schedule).",
+                                choices=["fresh", "party"]),
+        "collab_lr": Key(None, float, "RHFL: learning rate of the fresh Adam; null: the client's current "
+                         "(scheduled) learning rate (the official code uses its one lr for both).",
+                         nullable=True, check=positive),
+    }
     sends = {"up": "per round: the client's mean SCE on its pseudo-labelled data (1 number); per public "
                    "batch: its softmax map (B,2,H,W) float32",
              "down": "per public batch: the other clients' softmax maps (K-1,B,2,H,W) float32 and their "

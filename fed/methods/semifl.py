@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from utils.rng import derive_seed
 
+from utils.config import Key, non_negative, positive, unit_interval
 from fed.common import diag
 from fed.common.epochs import local_epochs
 from fed.core.registry import register
@@ -120,6 +121,22 @@ def recompute_bn(party, which: str, rnd: int) -> None:
 @register
 class SemiFL(LSSL):
     name = "semifl"
+    #: this method's settings, the ``semifl.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "local_epochs": Key(5, int, "SemiFL: local epochs per round on fix and mix batches (official `local_epoch` 5).",
+                            check=positive),
+        "server_epochs": Key(5, int, "SemiFL: server fine-tuning passes over D_p per round (official 5).",
+                             check=non_negative),
+        "tau": Key(0.95, float, "SemiFL: pixel confidence threshold of the fix set (`fix@0.95`).", check=unit_interval),
+        "mix_alpha": Key(0.75, float, "SemiFL: mixup `lam ~ Beta(alpha, alpha)`, one draw per batch.", check=positive),
+        "clip": Key(1.0, float, "SemiFL: gradient-norm clipping of the clients' training and the server's fine-tuning (0: none).", check=non_negative),
+        "server_lr": Key(1.0, float, "SemiFL: lr of the server SGD step that applies the client average.",
+                         check=positive),
+        "server_momentum": Key(0.5, float, "SemiFL: momentum of that step (official `gm`).", check=unit_interval),
+        "sbn": Key(True, bool, "SemiFL: recompute BatchNorm statistics (one cumulative pass) before each "
+                   "broadcast, on D_p at the server (official `sbn=1` also uses client data, which the "
+                   "server does not have); false: keep the running statistics."),
+    }
     shared_model = True
     sends = {"up": "model weights (every state-dict entry), once per round after local training",
              "down": "the next global model (every state-dict entry), once per round after the server's "

@@ -35,6 +35,7 @@ import torch
 from utils.rng import generator
 from utils.strong_views import cutmix, mix_partner, strong_view
 
+from utils.config import Key, unit_interval
 from fed.common import diag
 from fed.common.baseline_local import confident_labels, masked_ce
 from fed.core.registry import register
@@ -49,6 +50,11 @@ def unimatch_unlabeled_loss(l_s1: torch.Tensor, l_s2: torch.Tensor, l_fp: torch.
 @register
 class UniMatch(LSSL):
     name = "unimatch"
+    #: this method's settings, the ``unimatch.*`` section of the configuration (docs/configuration.md)
+    options = {
+        "threshold": Key(0.95, float, "UniMatch: pixel confidence threshold of the weak view's pseudo-labels.",
+                         check=unit_interval),
+    }
 
     def unlabeled_pass(self, client, rnd: int, epoch: int) -> None:
         tau, phase = self.cfg.unimatch.threshold, "local_unlabeled"
