@@ -97,20 +97,15 @@ def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = T
     run = Path(cfg.output.dir) if resume else prepare_run_dir(cfg, overwrite)
     logger = RunLogger(run, console=progress)
     try:
-        return _train(cfg, run, logger, resume, progress, stop_after, data, t0, order, engine)
+        t = time.perf_counter()
+        runner = make_runner(cfg, data, logger, order, engine)
+        build_s = time.perf_counter() - t
+        try:
+            return Run(cfg, run, logger, runner, data, t0, build_s).go(resume, progress, stop_after)
+        finally:
+            runner.close()
     finally:
         logger.close()
-
-
-def _train(cfg, run: Path, logger: RunLogger, resume: bool, progress: bool, stop_after, data, t0,
-           order: str, engine: str = "inprocess") -> dict:
-    t = time.perf_counter()
-    runner = make_runner(cfg, data, logger, order, engine)
-    build_s = time.perf_counter() - t
-    try:
-        return _rounds(cfg, run, logger, resume, progress, stop_after, runner, data, t0, build_s)
-    finally:
-        runner.close()
 
 
 class StateWriter:
@@ -160,149 +155,168 @@ def _state_round(path: Path) -> int:
     return int(path.name.rsplit(".r", 1)[1].split(".")[0])
 
 
-def _rounds(cfg, run, logger, resume, progress, stop_after, runner: Runner, data, t0, build_s) -> dict:
-    ck = run / "checkpoints"
-    K = len(runner.names)
-    best = {"clients": [{"dice": -1.0, "round": -1} for _ in range(K)], "all": {"dice": -1.0, "round": -1}}
-    start = 0
-    state_dir = run / STATE_DIR
-    if resume:
-        for tmp in run.rglob(".*.tmp"):  # a write cut short by the interruption
+class Run:
+    """One training run in its folder: :meth:`resume` (or :meth:`announce` a new one), :meth:`round`
+    for each round (train, write the state while evaluating, keep the best checkpoints, commit, log),
+    :meth:`finish` (last checkpoints, the test at the sites, ``results.json``); :meth:`go` does all."""
+
+    def __init__(self, cfg, run: Path, logger: RunLogger, runner: Runner, data, t0: float, build_s: float):
+        self.cfg, self.dir, self.logger, self.runner, self.data, self.t0 = cfg, run, logger, runner, data, t0
+        self.ck, self.state_dir = run / "checkpoints", run / STATE_DIR
+        K = len(runner.names)
+        self.best = {"clients": [{"dice": -1.0, "round": -1} for _ in range(K)], "all": {"dice": -1.0, "round": -1}}
+        self.writer = StateWriter(runner, self.state_dir)
+        self.settings = cfg.settings()  # stored with every commit, to warn when a resume changes them
+        self.startup: Optional[dict] = {"start_s": round(time.time() - t0, 3), "build_s": round(build_s, 3)}
+
+    def go(self, resume: bool, progress: bool, stop_after: Optional[int] = None) -> dict:
+        """The whole run from its first (or first uncompleted) round; ``stop_after``: stop after that
+        many rounds of this call (tests, benchmarks)."""
+        start = self.resume() if resume else self.announce()
+        r, R = self.runner, self.cfg.train.rounds
+        self.logger.info(f"exchange ({self.cfg.method}): up: {r.method.sends['up']}; down: {r.method.sends['down']}")
+        self.logger.info("environment: " + ", ".join(f"{k} {v}" for k, v in environment(r.device).items()))
+        if start >= R and (self.dir / "results.json").exists():
+            self.logger.info(f"{self.dir} has completed all {R} rounds; nothing to resume (raise train.rounds to go on)")
+            return json.loads((self.dir / "results.json").read_text())
+        bar = tqdm(range(start, R), desc="rounds", initial=start, total=R, disable=not progress or None,
+                   dynamic_ncols=True)
+        for done, rnd in enumerate(bar, 1):
+            record = self.round(rnd)
+            bar.set_postfix(val_dice=f"{record['val']['all']['dice']:.3f}")
+            if stop_after is not None and done >= stop_after and rnd < R - 1:
+                self.logger.info(f"stopping after round {rnd} as asked (resume with --resume {self.dir})")
+                return {"stopped_after": rnd}
+        bar.close()
+        return self.finish()
+
+    def announce(self) -> int:
+        """A new run: what it is and what data it reads, in the log. Returns its first round, 0."""
+        cfg, r = self.cfg, self.runner
+        self.logger.info(f"run {cfg.name}: method {cfg.method}, server {cfg.models.server}, clients "
+                         f"{', '.join(f'{r.sites[n]}:{r.archs[n]}' for n in r.names)}; device {r.device}"
+                         f"{' (AMP ' + str(r.amp.dtype).replace('torch.', '') + ')' if r.amp.enabled else ''}"
+                         f"{f'; clients in {cfg.train.client_workers} worker processes' if cfg.train.client_workers else ''}")
+        self.logger.info(f"split {self.data.split_path}: public {len(self.data.public)} | " + " | ".join(
+            f"{r.sites[n]}: {'/'.join(str(r.file_counts[n].get(k, 0)) for k in CLIENT_SPLITS)}"
+            for n in r.names) + " (labeled/unlabeled/val/test)")
+        return 0
+
+    def resume(self) -> int:
+        """Every party back to the last committed round (files of later rounds and cut-short writes
+        removed, metrics truncated to it). Returns the first round to run."""
+        start = 0
+        for tmp in self.dir.rglob(".*.tmp"):  # a write cut short by the interruption
             tmp.unlink()
-        if (state_dir / COMMIT).exists():
-            commit = json.loads((state_dir / COMMIT).read_text())
+        if (self.state_dir / COMMIT).exists():
+            commit = json.loads((self.state_dir / COMMIT).read_text())
             last = commit["round"]
-            for f in state_dir.glob("*.r*.pt"):  # files of a round that was never committed
+            for f in self.state_dir.glob("*.r*.pt"):  # files of a round that was never committed
                 if _state_round(f) != last:
                     f.unlink()
-            runner.load_state(state_dir, last)
-            best, start = commit["best"], last + 1
-            _warn_config_changes(logger, commit.get("config", {}), cfg)
-            logger.info(f"resumed {run} after round {last}")
+            self.runner.load_state(self.state_dir, last)
+            self.best, start = commit["best"], last + 1
+            _warn_config_changes(self.logger, commit.get("config", {}), self.cfg)
+            self.logger.info(f"resumed {self.dir} after round {last}")
         else:
-            logger.info(f"{run}: no completed round to resume from; starting at round 0")
-        _truncate_metrics(logger.metrics_path, start)
-    else:
-        logger.info(f"run {cfg.name}: method {cfg.method}, server {cfg.models.server}, clients "
-                    f"{', '.join(f'{runner.sites[n]}:{runner.archs[n]}' for n in runner.names)}; "
-                    f"device {runner.device}"
-                    f"{' (AMP ' + str(runner.amp.dtype).replace('torch.', '') + ')' if runner.amp.enabled else ''}"
-                    f"{f'; clients in {cfg.train.client_workers} worker processes' if cfg.train.client_workers else ''}")
-        logger.info(f"split {data.split_path}: public {len(data.public)} | " + " | ".join(
-            f"{runner.sites[n]}: {'/'.join(str(runner.file_counts[n].get(k, 0)) for k in CLIENT_SPLITS)}"
-            for n in runner.names) + " (labeled/unlabeled/val/test)")
-    logger.info(f"exchange ({cfg.method}): up: {runner.method.sends['up']}; down: {runner.method.sends['down']}")
-    logger.info("environment: " + ", ".join(f"{k} {v}" for k, v in environment(runner.device).items()))
-    R = cfg.train.rounds
-    if start >= R and (run / "results.json").exists():
-        logger.info(f"{run} has completed all {R} rounds; nothing to resume (raise train.rounds to go on)")
-        return json.loads((run / "results.json").read_text())
-    bar = tqdm(range(start, R), desc="rounds", initial=start, total=R, disable=not progress or None,
-               dynamic_ncols=True)
-    done_now = 0
-    settings = cfg.settings()  # stored with every commit, to warn when a resume changes them
-    writer = StateWriter(runner, state_dir)
-    startup = {"start_s": round(time.time() - t0, 3), "build_s": round(build_s, 3)}
-    for rnd in bar:
+            self.logger.info(f"{self.dir}: no completed round to resume from; starting at round 0")
+        _truncate_metrics(self.logger.metrics_path, start)
+        return start
+
+    def round(self, rnd: int) -> dict:
+        """One round: the method's protocol, the state written (overlapping the evaluation), the best
+        checkpoints kept, the round committed and logged. Returns its ``metrics.jsonl`` record."""
+        runner = self.runner
         tr = time.perf_counter()
         out = runner.run_round(rnd)
-        _check_finite(runner, out["loss"], rnd, run)
-        train_s = time.perf_counter() - tr
-        writer.start(rnd)  # overlaps the evaluation below
+        _check_finite(runner, out["loss"], rnd, self.dir)
+        self.writer.start(rnd)  # overlaps the evaluation below
         te = time.perf_counter()
         val = evaluate_split(runner, "val")
         record = {"round": rnd, "warmup": runner.method.warm(rnd), "lr": out["lr"], "loss": out["loss"],
-                  "val": val, "improved": [], "test_at_best": {}}
-        _select_best(runner, rnd, val, best, ck, record)
+                  "val": val, **self.keep_best(rnd, val)}
         eval_s = time.perf_counter() - te
-        write_s = writer.commit(rnd, {"best": best, "config": settings})
+        write_s = self.writer.commit(rnd, {"best": self.best, "config": self.settings})
         record["skipped"] = out["skipped"]
         record["bytes"] = out["bytes"]
         record["phase_s"] = {**out["phase_s"], "evaluation": round(eval_s, 3), "state_writing": round(write_s, 3)}
-        if startup:
-            record["startup_s"], startup = startup, None
+        if self.startup:
+            record["startup_s"], self.startup = self.startup, None
         record["time_s"] = round(time.perf_counter() - tr, 3)
-        logger.round(record)
-        logger.info(_round_line(record, runner))
-        bar.set_postfix(val_dice=f"{val['all']['dice']:.3f}")
-        done_now += 1
-        if stop_after is not None and done_now >= stop_after and rnd < R - 1:
-            logger.info(f"stopping after round {rnd} as asked (resume with --resume {run})")
-            return {"stopped_after": rnd}
-    bar.close()
-    for k, n in enumerate(runner.names):
-        if n in runner.lost:  # a site that stopped answering: its best checkpoint is its last one here
-            logger.warning(f"{n} was lost ({runner.lost[n]}): no last checkpoint")
-            continue
-        atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k, "last"))
-    atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(cfg.models.server, "last"))
+        self.logger.round(record)
+        self.logger.info(_round_line(record, runner))
+        return record
 
-    tt = time.perf_counter()
-    final = _final_test(cfg, runner, ck, run / "test", logger)
-    results = {"name": cfg.name, "method": cfg.method, "rounds": R,
-               "wall_time_s": round(time.time() - t0, 1),  # this invocation (a resumed run: since the resume)
-               "rounds_time_s": round(_rounds_time(logger.metrics_path), 1),  # all rounds, across resumes
-               "final_test_s": round(time.perf_counter() - tt, 1),
-               "best": best, "test": final["summary"], "environment": environment(runner.device)}
-    atomic_write_text(run / "results.json", json.dumps(results, indent=2))
-    from fed.core.report import format_table
+    def keep_best(self, rnd: int, val: dict) -> dict:
+        """The best-validation record and checkpoints. A shared-model method: the global model, when the
+        pooled validation Dice improves (every client's record and checkpoint with it); otherwise each
+        client whose own validation Dice improves. Those are scored on their test split at once. The
+        server's checkpoint follows the pooled validation Dice. Returns ``{"improved", "test_at_best"}``."""
+        runner, best = self.runner, self.best
+        shared, pooled = runner.method.shared_model, val["all"]["dice"] > best["all"]["dice"]
+        if shared:
+            chosen = [n for n in runner.names if n not in runner.lost] if pooled else []
+        else:
+            chosen = [n for k, n in enumerate(runner.names)
+                      if n not in runner.skipped and n in val and val[n]["dice"] > best["clients"][k]["dice"]]
+        test = (evaluate_split(runner, "test", None if shared else chosen)) if chosen else {}
+        for n in chosen:
+            k = runner.names.index(n)
+            if n in val:
+                best["clients"][k] = {"dice": val[n]["dice"], "round": rnd, "val": val[n], "test": test[n]}
+            atomic_torch_save(runner.client_weights(n), self.ck / client_ckpt_name(runner.archs[n], k))
+        if pooled:
+            best["all"] = {"dice": val["all"]["dice"], "round": rnd, "val": val["all"],
+                           **({"test": test["all"]} if shared else {})}
+            atomic_torch_save(runner.server_weights(), self.ck / global_ckpt_name(self.cfg.models.server))
+        if shared:
+            return {"improved": ["all"] if pooled else [], "test_at_best": test}
+        return {"improved": chosen, "test_at_best": {n: test[n] for n in chosen}}
 
-    logger.info("test split, best-val checkpoints (batch 1, every image, scored at each site):\n" + format_table(final))
-    return results
+    def finish(self) -> dict:
+        """The last round's checkpoints, the test at the sites with the best ones, ``results.json``."""
+        cfg, runner, ck = self.cfg, self.runner, self.ck
+        for k, n in enumerate(runner.names):
+            if n in runner.lost:  # a site that stopped answering: its best checkpoint is its last one here
+                self.logger.warning(f"{n} was lost ({runner.lost[n]}): no last checkpoint")
+                continue
+            atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k, "last"))
+        atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(cfg.models.server, "last"))
+        tt = time.perf_counter()
+        final = self.final_test(self.dir / "test")
+        results = {"name": cfg.name, "method": cfg.method, "rounds": cfg.train.rounds,
+                   "wall_time_s": round(time.time() - self.t0, 1),  # this invocation (a resumed run: since the resume)
+                   "rounds_time_s": round(_rounds_time(self.logger.metrics_path), 1),  # all rounds, across resumes
+                   "final_test_s": round(time.perf_counter() - tt, 1),
+                   "best": self.best, "test": final["summary"], "environment": environment(runner.device)}
+        atomic_write_text(self.dir / "results.json", json.dumps(results, indent=2))
+        from fed.core.report import format_table
 
+        self.logger.info("test split, best-val checkpoints (batch 1, every image, scored at each site):\n"
+                         + format_table(final))
+        return results
 
-def _final_test(cfg, runner: Runner, ck: Path, out: Path, logger: RunLogger) -> dict:
-    """The test protocol at the sites: each client is sent its best-validation weights and scores them
-    on its own test split (batch 1, HD95, fp32; overlays stay at the site); the server writes the report."""
-    from fed.core.registry import METHODS
-    from fed.core.report import checkpoint_paths, write_report
+    def final_test(self, out: Path) -> dict:
+        """The test protocol at the sites: each client is sent its best-validation weights and scores them
+        on its own test split (batch 1, HD95, fp32; overlays stay at the site); the server writes the report."""
+        from fed.core.report import checkpoint_paths, write_report
 
-    shared = METHODS[cfg.method].shared_model
-    paths = checkpoint_paths(cfg, ck, "best")
-    archs = {n: cfg.models.server if shared else runner.archs[n] for n in runner.names}
-    weights = {n: safe_load(p) for n, p in zip(runner.names, paths) if n not in runner.lost}
-    book = runner.final_test(weights, archs, out / "overlays", overlays=4)
-    rows = [{"client": k, "site": runner.sites[n], "arch": archs[n], "checkpoint": str(paths[k])}
-            for k, n in enumerate(runner.names) if n not in runner.lost]
-    for n in runner.lost:
-        logger.warning(f"{n} was lost ({runner.lost[n]}): not tested")
-    return write_report(book, rows, out)
+        cfg, runner = self.cfg, self.runner
+        shared = runner.method.shared_model
+        paths = checkpoint_paths(cfg, self.ck, "best")
+        archs = {n: cfg.models.server if shared else runner.archs[n] for n in runner.names}
+        weights = {n: safe_load(p) for n, p in zip(runner.names, paths) if n not in runner.lost}
+        book = runner.final_test(weights, archs, out / "overlays", overlays=4)
+        rows = [{"client": k, "site": runner.sites[n], "arch": archs[n], "checkpoint": str(paths[k])}
+                for k, n in enumerate(runner.names) if n not in runner.lost]
+        for n in runner.lost:
+            self.logger.warning(f"{n} was lost ({runner.lost[n]}): not tested")
+        return write_report(book, rows, out)
 
 
 def _rounds_time(metrics_path: Path) -> float:
     with open(metrics_path) as f:
         return sum(json.loads(line).get("time_s", 0.0) for line in f if line.strip())
-
-
-def _select_best(runner: Runner, rnd: int, val: dict, best: dict, ck: Path, record: dict) -> None:
-    arch = runner.cfg.models.server
-    if runner.method.shared_model:
-        if val["all"]["dice"] > best["all"]["dice"]:
-            test = evaluate_split(runner, "test")
-            best["all"] = {"dice": val["all"]["dice"], "round": rnd, "val": val["all"], "test": test["all"]}
-            for k, n in enumerate(runner.names):
-                if n in val:
-                    best["clients"][k] = {"dice": val[n]["dice"], "round": rnd, "val": val[n], "test": test[n]}
-                if n in runner.lost:
-                    continue
-                atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k))
-            atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(arch))
-            record["improved"] = ["all"]
-            record["test_at_best"] = test
-        return
-    improved = [n for k, n in enumerate(runner.names)
-                if n not in runner.skipped and n in val and val[n]["dice"] > best["clients"][k]["dice"]]
-    if improved:
-        test = evaluate_split(runner, "test", improved)
-        for n in improved:
-            k = runner.names.index(n)
-            best["clients"][k] = {"dice": val[n]["dice"], "round": rnd, "val": val[n], "test": test[n]}
-            atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k))
-            record["improved"].append(n)
-            record["test_at_best"][n] = test[n]
-    if val["all"]["dice"] > best["all"]["dice"]:
-        best["all"] = {"dice": val["all"]["dice"], "round": rnd, "val": val["all"]}
-        atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(arch))
 
 
 def _round_line(rec: dict, runner: Runner) -> str:
