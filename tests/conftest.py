@@ -87,15 +87,53 @@ def assert_same_run(cfg_a, res_a, cfg_b, res_b, with_bytes: bool = True):
     assert res_a["test"] == res_b["test"] and res_a["best"] == res_b["best"]
 
 
+class TinyRuns:
+    """Whole tiny runs (``run_tiny``, one torch thread) computed once per session, keyed by their overrides
+    and the engine, and shared by every test that reads them or compares against them: a method's in-process
+    run is read by its own file's tests and is the reference of test_arrangements (the Flower simulation,
+    clients in reverse order, resume). Each overrides tuple has its own folder (``tmp``), where tests may
+    add runs of their own under other names."""
+
+    def __init__(self, tmp_path_factory):
+        self._factory, self._tmp, self._runs = tmp_path_factory, {}, {}
+
+    def _get(self, engine: str, extra: tuple):
+        if (engine, extra) not in self._runs:
+            if extra not in self._tmp:
+                self._tmp[extra] = self._factory.mktemp("tiny")
+            tmp = self._tmp[extra]
+            before = torch.get_num_threads()  # its own thread count: it may be built outside one_thread
+            torch.set_num_threads(1)
+            try:
+                if engine == "flower-sim":
+                    run = run_tiny(tmp, "flower_sim", *extra, "train.worker_threads=1", engine="flower-sim")
+                else:
+                    run = run_tiny(tmp, "in_process", *extra)
+            finally:
+                torch.set_num_threads(before)
+            self._runs[engine, extra] = (tmp, *run)
+        return self._runs[engine, extra]
+
+    def in_process(self, *extra):
+        """``(tmp, cfg, results)`` of the in-process run with ``extra`` overrides."""
+        return self._get("inprocess", extra)
+
+    def flower_sim(self, *extra):
+        """``(tmp, cfg, results)`` of the same run on the Flower simulation (``train.worker_threads=1``)."""
+        return self._get("flower-sim", extra)
+
+
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory):
-    """The in-process, one-thread run that the bit-identical comparisons are made against: the tiny
-    federation, 2 rounds (1 warm-up). Session-scoped fixtures are built before module ones, so it sets
-    its own thread count."""
-    tmp = tmp_path_factory.mktemp("reference")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return tmp, *run_tiny(tmp, "reference", "train.rounds=2")
-    finally:
-        torch.set_num_threads(before)
+def tiny_runs(tmp_path_factory):
+    return TinyRuns(tmp_path_factory)
+
+
+#: the reference run's overrides: HSSF (the default method), the tiny federation, 2 rounds (1 warm-up)
+REFERENCE = ("train.rounds=2",)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_runs):
+    """``(tmp, cfg, results)`` of the in-process, one-thread HSSF run that the bit-identical comparisons are
+    made against (``REFERENCE``)."""
+    return tiny_runs.in_process(*REFERENCE)

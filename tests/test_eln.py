@@ -1,12 +1,12 @@
 """ELN (``fed/methods/eln.py``): the ELN target and its pos/neg re-weighting, the aux-decoder gate, the EMA
 update, ELN pseudo-labels and the pixel contrastive loss by hand; tiny runs in process (warm-up, one ELN
-round, SSL rounds: losses and bytes; the clients mapping); the Flower simulation bit-identical."""
+round, SSL rounds: losses and bytes; the clients mapping). On Flower and resumed: test_arrangements.py."""
 import math
 
 import pytest
 import torch
 
-from conftest import assert_same_run, run_tiny
+from conftest import run_tiny
 from fed.common.weights import ema_update
 from fed.methods.eln import (ELNet, aux_gate, eln_input, eln_loss, eln_pseudo_label, eln_target, pixel_contrastive,
                      projection_head)
@@ -118,10 +118,9 @@ def _bytes(module):
 
 
 @pytest.fixture(scope="module")
-def ref(tmp_path_factory, one_thread):
-    """4 tiny rounds in process: warm-up, one ELN round, two SSL rounds."""
-    tmp = tmp_path_factory.mktemp("eln")
-    return tmp, *run_tiny(tmp, "in", *ELN, "train.rounds=4")
+def ref(tiny_runs):
+    """4 tiny rounds in process: warm-up, one ELN round, two SSL rounds (test_arrangements' reference)."""
+    return tiny_runs.in_process(*ELN, "train.rounds=4")
 
 
 def test_tiny_rounds_server_mapping(ref):
@@ -171,26 +170,3 @@ def test_tiny_rounds_clients_mapping(tmp_path):
         assert recs[2]["bytes"][n] == {"up": seg + eln, "down": seg + eln}
         # SSL round: student and teacher
         assert recs[3]["bytes"][n] == {"up": 2 * seg, "down": 2 * seg}
-
-
-def test_flower_sim_identical(ref):
-    pytest.importorskip("flwr")
-    pytest.importorskip("ray")
-    tmp, cfg, res = ref
-    cfg2, res2 = run_tiny(tmp, "sim", *ELN, "train.rounds=4", "train.worker_threads=1", engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)
-
-
-def test_resume_in_the_ssl_phase_is_identical(ref):
-    """Stopped after the first SSL round and resumed: the teacher, the ELN, the projection heads, their
-    optimizers and the flags are restored from ``party.extra``."""
-    from pathlib import Path
-
-    from fed import load_config
-    from fed.core.run import train
-
-    tmp, cfg, res = ref
-    cfg2, out = run_tiny(tmp, "resumed", *ELN, "train.rounds=4", stop_after=3)
-    assert out == {"stopped_after": 2}
-    res2 = train(load_config(Path(cfg2.output.dir) / "config.yaml"), resume=True, progress=False)
-    assert_same_run(cfg, res, cfg2, res2)

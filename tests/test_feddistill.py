@@ -1,12 +1,12 @@
 """FedDistill (BASELINES.md section 8): per-label mean logits, the global and leave-one-out teachers and
-the MSE / KL regulariser by hand; two tiny rounds (what crosses, byte for byte); the Flower simulation
-gives the in-process run bit for bit."""
+the MSE / KL regulariser by hand; two tiny rounds (what crosses, byte for byte). On Flower and with the
+clients in reverse order: test_arrangements.py."""
 import math
 
 import pytest
 import torch
 
-from conftest import assert_same_run, run_tiny
+from conftest import run_tiny
 from fed.methods.feddistill import class_means, class_sums, global_logits, kl_to_label, leave_one_out, mse_to_label
 from utils.logger import read_metrics
 
@@ -81,8 +81,8 @@ def test_kl_regulariser_by_hand():
     assert got.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
 
 
-def test_two_rounds_send_what_is_declared(tmp_path):
-    cfg, res = run_tiny(tmp_path, "fd", "method=feddistill", "train.rounds=2")
+def test_two_rounds_send_what_is_declared(tiny_runs):
+    _, cfg, res = tiny_runs.in_process("method=feddistill", "train.rounds=2")  # test_arrangements' reference
     warm, r1 = read_metrics(cfg.output.dir)
     for name in ("client0", "client1"):
         assert warm["bytes"][name] == {"up": 0, "down": 0}
@@ -99,19 +99,3 @@ def test_leave_one_out_and_kl(tmp_path):
     for name in ("client0", "client1"):  # each client its own teacher (the other's logits): the same size
         assert r1["bytes"][name] == {"up": UP, "down": UP}
         assert r1["loss"][name]["sup_fd"] > 0 and math.isfinite(r1["loss"][name]["sup_fd"])
-
-
-def test_clients_in_reverse_order_give_the_same_run(tmp_path):
-    """The server's folds are order-free: clients served backwards give the same run, bit for bit."""
-    cfg, res = run_tiny(tmp_path, "forward", "method=feddistill", "train.rounds=2")
-    cfg2, res2 = run_tiny(tmp_path, "reverse", "method=feddistill", "train.rounds=2", order="reverse")
-    assert_same_run(cfg, res, cfg2, res2)
-
-
-def test_flower_simulation_is_bit_identical(tmp_path):
-    pytest.importorskip("flwr")
-    pytest.importorskip("ray")
-    cfg, res = run_tiny(tmp_path, "inproc", "method=feddistill", "train.rounds=2")
-    cfg2, res2 = run_tiny(tmp_path, "sim", "method=feddistill", "train.rounds=2", "train.worker_threads=1",
-                          engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)

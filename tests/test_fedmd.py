@@ -1,11 +1,10 @@
 """FedMD (BASELINES.md section 6): the consensus and the L1 digest by hand; two tiny rounds (what crosses,
-byte for byte); the Flower simulation gives the in-process run bit for bit."""
+byte for byte). On Flower and with the clients in reverse order: test_arrangements.py."""
 import math
 
 import pytest
 import torch
 
-from conftest import assert_same_run, run_tiny
 from fed.methods.fedmd import consensus, digest_loss
 from utils.logger import read_metrics
 
@@ -40,8 +39,8 @@ def _rounds(cfg):
 
 
 @pytest.mark.parametrize("extra,width", [((), 4), (("fedmd.logits_dtype=float16", "fedmd.average=probs"), 2)])
-def test_two_rounds_send_what_is_declared(tmp_path, extra, width):
-    cfg, res = run_tiny(tmp_path, "fedmd", "method=fedmd", "train.rounds=2", *extra)
+def test_two_rounds_send_what_is_declared(tiny_runs, extra, width):
+    _, cfg, res = tiny_runs.in_process("method=fedmd", "train.rounds=2", *extra)  # (): test_arrangements' reference
     warm, r1 = _rounds(cfg)
     for name in ("client0", "client1"):
         # warm-up: nothing crosses, no digest; then the public logits up and the consensus down
@@ -52,19 +51,3 @@ def test_two_rounds_send_what_is_declared(tmp_path, extra, width):
         assert all(math.isfinite(v) for v in loss.values()) and "unl_ce" in loss
     assert "server" not in r1["loss"]  # the server only averages
     assert res["test"]  # the final test ran on the clients' own models
-
-
-def test_clients_in_reverse_order_give_the_same_run(tmp_path):
-    """The server's folds are order-free: clients served backwards give the same run, bit for bit."""
-    cfg, res = run_tiny(tmp_path, "forward", "method=fedmd", "train.rounds=2")
-    cfg2, res2 = run_tiny(tmp_path, "reverse", "method=fedmd", "train.rounds=2", order="reverse")
-    assert_same_run(cfg, res, cfg2, res2)
-
-
-def test_flower_simulation_is_bit_identical(tmp_path):
-    pytest.importorskip("flwr")
-    pytest.importorskip("ray")
-    cfg, res = run_tiny(tmp_path, "inproc", "method=fedmd", "train.rounds=2")
-    cfg2, res2 = run_tiny(tmp_path, "sim", "method=fedmd", "train.rounds=2", "train.worker_threads=1",
-                          engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)

@@ -1,5 +1,5 @@
 """FedProto (BASELINES.md section 9): its pieces by hand, the decoder feature, whole tiny runs (bytes =
-what is declared) and the Flower simulation bit-identical to the in-process run."""
+what is declared). On Flower: test_arrangements.py."""
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import assert_same_run, run_tiny, tiny_overrides
+from conftest import run_tiny, tiny_overrides
 from fed import load_config
 from fed.methods.fedproto import (FedProto, aggregate_prototypes, batch_proto_mse, feature_width, masked_prototypes,
                           proto_mse)
@@ -104,8 +104,8 @@ def _round1(cfg):
     return read_metrics(cfg.output.dir)[1]
 
 
-def test_two_tiny_rounds(tmp_path):
-    cfg, res = run_tiny(tmp_path, "x", "method=fedproto", "train.rounds=2")
+def test_two_tiny_rounds(tiny_runs):
+    _, cfg, res = tiny_runs.in_process("method=fedproto", "train.rounds=2")  # test_arrangements' reference
     recs = read_metrics(cfg.output.dir)
     names = ("client0", "client1")
     for n in names:  # warm-up: nothing crosses, no regulariser; then one prototype per class each way
@@ -126,12 +126,3 @@ def test_different_widths_projected_or_refused(tmp_path):
     with pytest.raises(ConfigError, match="fedproto.projection"):
         load_config(None, tiny_overrides(tmp_path, "off", "method=fedproto", "models.clients=[tiny, resnet18]",
                                          "fedproto.projection=off"))
-
-
-def test_flower_simulation_is_identical(tmp_path):
-    pytest.importorskip("flwr")
-    pytest.importorskip("ray")
-    cfg, res = run_tiny(tmp_path, "in", "method=fedproto", "train.rounds=2")
-    cfg2, res2 = run_tiny(tmp_path, "sim", "method=fedproto", "train.rounds=2", "train.worker_threads=1",
-                          engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)

@@ -3,14 +3,14 @@
 The masked CE with the all-pixels denominator and the confident pseudo-labels, by hand; the strong view
 with CutMix mixes labels and confidences with the image; two tiny rounds in process (the unlabeled loss
 was trained on after the warm-up, the bytes are LSSL's: the state dict both ways, twice in round 0; the ``randaugment``
-strong view without CutMix runs too); the Flower simulation gives the same run.
+strong view without CutMix runs too). On Flower: test_arrangements.py.
 """
 import math
 
 import pytest
 import torch
 
-from conftest import assert_same_run, run_tiny
+from conftest import run_tiny
 from fed.common.baseline_local import confident_labels
 from utils.losses import masked_ce
 from utils.rng import generator
@@ -75,9 +75,8 @@ def test_mix_partners_are_other_images_paired_afresh_for_every_batch():
 
 
 @pytest.fixture(scope="module")
-def fm_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fm")
-    return (tmp, *run_tiny(tmp, "in_process", *SETTINGS))
+def fm_run(tiny_runs):
+    return tiny_runs.in_process(*SETTINGS)  # test_arrangements' reference
 
 
 def _check(cfg):
@@ -103,11 +102,3 @@ def test_two_rounds(fm_run):
 def test_randaugment_without_cutmix(tmp_path):
     cfg, _ = run_tiny(tmp_path, "ra", *SETTINGS, "fixmatch.strong=randaugment", "fixmatch.cutmix=false")
     _check(cfg)
-
-
-def test_flower_simulation_is_the_same_run(fm_run, tmp_path):
-    pytest.importorskip("flwr", reason="Flower is not installed")
-    pytest.importorskip("ray", reason="Flower's simulation needs Ray")
-    _, cfg, res = fm_run
-    cfg2, res2 = run_tiny(tmp_path, "sim", *SETTINGS, "train.worker_threads=1", engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)

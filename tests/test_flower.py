@@ -1,4 +1,5 @@
-"""The federation on Flower (``--engine flower-sim``): the same runs as in process, bit for bit.
+"""The federation on Flower (``--engine flower-sim``): the same runs as in process, bit for bit (each
+method's: test_arrangements.py; here the engine's own: its messages, sites, byte counts, actors, resume).
 
 Skipped without Flower (``pip install -r requirements-flower.txt``). Each end-to-end test starts one
 Flower simulation (Ray: several seconds); the in-process references use one torch thread, as do the
@@ -15,7 +16,7 @@ import torch
 pytest.importorskip("flwr", reason="Flower is not installed: pip install -r requirements-flower.txt")
 pytest.importorskip("ray", reason="Flower's simulation needs Ray: pip install -r requirements-flower.txt")
 
-from conftest import assert_same_run, run_tiny, tiny_overrides  # noqa: E402
+from conftest import REFERENCE, assert_same_run, run_tiny, tiny_overrides  # noqa: E402
 from fed import load_config  # noqa: E402
 from fed.core.run import train  # noqa: E402
 from utils.logger import read_metrics  # noqa: E402
@@ -124,7 +125,8 @@ def test_a_site_continues_from_its_disk_in_a_fresh_process_for_every_message(tmp
     from fed.flower import site as S
     from fed.flower.codec import decode_payload
     from fed.flower.engine import READ_ONLY
-    from fed.core.runner import Runner, call
+    from fed.core.calls import call
+    from fed.core.runner import Runner
 
     cfg = load_config(None, tiny_overrides(tmp_path, "site", "train.warmup_rounds=0", "train.fusion_epochs=1"))
     data = load_federation(cfg)
@@ -173,7 +175,7 @@ def test_a_site_continues_from_its_disk_in_a_fresh_process_for_every_message(tmp
     # an error reply: the reason first, then the site's traceback
     reply = S.serve(_site_message("no_such_step", "train", 0, 23), ctx, str(sites))
     reason, _, trace = reply.error.reason.partition(S.TRACE)
-    assert reason.startswith("AttributeError") and "Traceback" in trace
+    assert reason.startswith("KeyError") and "'no_such_step' is neither a step of HSSF" in reason and "Traceback" in trace
 
 
 def test_a_deployed_site_declares_itself_and_reads_only_its_own_files(tmp_path):
@@ -250,11 +252,10 @@ def test_flower_setup_refuses_a_site_whose_arch_is_not_the_runs(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_hssf_on_flower_is_bit_identical_and_counts_flower_bytes(reference_run):
-    tmp, cfg, res = reference_run
-    cfg2, res2 = run_tiny(tmp, "flower", "train.rounds=2", "train.worker_threads=1", engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)
-    run = Path(cfg2.output.dir)
+def test_hssf_on_flower_counts_flower_bytes_and_keeps_the_sites_state(tiny_runs):
+    """The reference run on the simulation (that it is the in-process run, bit for bit, is
+    test_arrangements' test_flower_simulation_is_the_same_run[hssf], on this same run)."""
+    run = Path(tiny_runs.flower_sim(*REFERENCE)[1].output.dir)
     assert {"config.yaml", "metrics.jsonl", "results.json", "checkpoints", "test"} <= {p.name for p in run.iterdir()}
     assert "Flower simulation: 2 nodes, 1 Ray actor(s)" in (run / "train.log").read_text()
     recs = read_metrics(run)

@@ -1,13 +1,13 @@
 """KT-pFL (BASELINES.md section 7): the update of the knowledge-coefficient matrix on a 2x2 case by hand
 (gradient, the code's adaptive step size, softmax(5 c) renormalisation), the personalised targets, the
-distillation loss and the local-epoch ramp; two tiny rounds (what crosses, byte for byte); the Flower
-simulation gives the in-process run bit for bit."""
+distillation loss and the local-epoch ramp; two tiny rounds (what crosses, byte for byte). On Flower and
+with the clients in reverse order: test_arrangements.py."""
 import math
 
 import pytest
 import torch
 
-from conftest import assert_same_run, run_tiny
+from conftest import run_tiny
 from fed.methods.ktpfl import (distill_loss, gram, personalised_targets, ramp_epochs, row_gradient, row_loss, step_size,
                        update_coefficients)
 from fed.core.party import cosine_factor
@@ -84,8 +84,8 @@ def test_local_ramp():
     assert [ramp_epochs(r, 1, 0, 3) for r in (0, 1, 7)] == [3, 3, 3]  # off: train.local_epochs
 
 
-def test_two_rounds_send_what_is_declared(tmp_path):
-    cfg, res = run_tiny(tmp_path, "ktpfl", "method=ktpfl", "train.rounds=2")
+def test_two_rounds_send_what_is_declared(tiny_runs):
+    _, cfg, res = tiny_runs.in_process("method=ktpfl", "train.rounds=2")  # test_arrangements' reference
     warm, r1 = read_metrics(cfg.output.dir)
     for name in ("client0", "client1"):
         assert warm["bytes"][name] == {"up": 0, "down": 0} and "distill_kl" not in warm["loss"][name]
@@ -109,19 +109,3 @@ def test_half_precision_and_the_ramp(tmp_path):
     f = cosine_factor(3 * 2, cfg.train.lr_final_factor)
     assert recs[2]["lr"]["client0"] == pytest.approx(cfg.train.lr * f(4))
     assert recs[1]["lr"]["client0"] == pytest.approx(cfg.train.lr * f(2))
-
-
-def test_clients_in_reverse_order_give_the_same_run(tmp_path):
-    """The server's folds are order-free: clients served backwards give the same run, bit for bit."""
-    cfg, res = run_tiny(tmp_path, "forward", "method=ktpfl", "train.rounds=2")
-    cfg2, res2 = run_tiny(tmp_path, "reverse", "method=ktpfl", "train.rounds=2", order="reverse")
-    assert_same_run(cfg, res, cfg2, res2)
-
-
-def test_flower_simulation_is_bit_identical(tmp_path):
-    pytest.importorskip("flwr")
-    pytest.importorskip("ray")
-    cfg, res = run_tiny(tmp_path, "inproc", "method=ktpfl", "train.rounds=2")
-    cfg2, res2 = run_tiny(tmp_path, "sim", "method=ktpfl", "train.rounds=2", "train.worker_threads=1",
-                          engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)

@@ -3,7 +3,8 @@
 Hand-computed checks of the EMA update, the ramp weight and the consistency loss; two tiny rounds in
 process (the consistency was trained on in the non-warm-up round, the teacher follows the student's
 buffers, the bytes are the student's state dict plus, after the warm-up, the teacher's parameters both
-ways, and round 0 also exchanges the initial students; ``teacher: reset`` sends the student's only); resuming and the Flower simulation give the same run.
+ways, and round 0 also exchanges the initial students; ``teacher: reset`` sends the student's only); the
+step counter over three rounds. Resumed and on Flower: test_arrangements.py.
 """
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_same_run, run_tiny, tiny_overrides
+from conftest import run_tiny
 from fed.common.weights import ema_update
 from fed.methods.mean_teacher import (consistency_loss, consistency_weight, ema_alpha, run_ramp_div,
                                sigmoid_rampup)
@@ -67,9 +68,8 @@ def test_consistency_loss():
 
 
 @pytest.fixture(scope="module")
-def mt_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mt")
-    return (tmp, *run_tiny(tmp, "in_process", *SETTINGS))
+def mt_run(tiny_runs):
+    return tiny_runs.in_process(*SETTINGS)  # test_arrangements' reference
 
 
 def _records(cfg):
@@ -109,6 +109,13 @@ def test_two_rounds(mt_run):
         assert not all(torch.equal(teacher[k], student[k]) for k in student)          # EMA parameters
 
 
+def test_the_step_counter_goes_on_over_the_rounds(tiny_runs):
+    """Three rounds (the run that test_arrangements stops after round 1 and resumes): 3 steps in each
+    non-warm-up round."""
+    _, cfg, _ = tiny_runs.in_process(*SETTINGS, "train.rounds=3")
+    assert _state(cfg, "client0", 2)["extra"]["mt_step"] == 6
+
+
 def test_reset_teacher_sends_the_student_only(tmp_path):
     import networks
 
@@ -119,24 +126,3 @@ def test_reset_teacher_sends_the_student_only(tmp_path):
     for name in ("client0", "client1"):
         assert recs[1]["bytes"][name]["up"] == recs[1]["bytes"][name]["down"] == sd
         assert math.isfinite(recs[1]["loss"][name]["unl_cons"])
-
-
-def test_resume_keeps_the_teacher_and_the_step_counter(tmp_path):
-    """Stopped after round 1 (teacher trained, 3 steps counted) and resumed: the same 3-round run."""
-    from fed import load_config
-    from fed.core.run import train
-
-    cfg, res = run_tiny(tmp_path, "whole", *SETTINGS, "train.rounds=3")
-    cfg2 = load_config(None, tiny_overrides(tmp_path, "resumed", "train.warmup_rounds=1", *SETTINGS, "train.rounds=3"))
-    assert train(cfg2, progress=False, stop_after=2) == {"stopped_after": 1}
-    res2 = train(load_config(Path(cfg2.output.dir) / "config.yaml"), resume=True, progress=False)
-    assert_same_run(cfg, res, cfg2, res2)
-    assert _state(cfg, "client0", 2)["extra"]["mt_step"] == 6
-
-
-def test_flower_simulation_is_the_same_run(mt_run, tmp_path):
-    pytest.importorskip("flwr", reason="Flower is not installed")
-    pytest.importorskip("ray", reason="Flower's simulation needs Ray")
-    _, cfg, res = mt_run
-    cfg2, res2 = run_tiny(tmp_path, "sim", *SETTINGS, "train.worker_threads=1", engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)

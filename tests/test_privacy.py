@@ -1,6 +1,6 @@
 """What leaves a site: every client -> server reply of a whole run, checked for keys and shapes.
 
-Every reply a client party produces goes through :func:`fed.core.runner.call` (in process, worker processes
+Every reply a client party produces goes through :func:`fed.core.calls.call` (in process, worker processes
 and the Flower site alike), so wrapping it records each client's reply to each step of a run. A reply
 carries only what the method declares:
 
@@ -39,7 +39,7 @@ RUN_LEVEL = {"evaluate", "test_weights", "end_round", "weights", "begin_round", 
 @pytest.fixture
 def recorded(monkeypatch):
     """``[(party, step, reply)]`` of every client step run in this process."""
-    import fed.core.runner as R
+    import fed.core.calls as R
 
     seen, real = [], R.call
 

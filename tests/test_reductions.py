@@ -3,17 +3,15 @@
 ``grades_first`` is exact and ``logits_at: head`` exact up to rounding (bit-identical here, on CPU):
 whole runs equal the reference run in every checkpoint tensor, metric and test score, while fewer bytes
 cross. ``logits_dtype: float16`` is lossy: it halves the logits' bytes. The pure functions behind
-grades-first are checked on hand-built tensors.
+grades-first are checked on hand-built tensors in test_hssf.py.
 """
 import pytest
 import torch
 
 from conftest import assert_same_run, run_tiny
-from fed.methods.hssf import fold_teacher, finish_teacher, place_teacher_rows, teacher_mask, teacher_requests
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-T = torch.tensor
 N, HW = 8, 32 * 32  # the tiny federation's public pass (8 images of 32 px), 2 Condensation + 2 Fusion passes
 
 
@@ -22,45 +20,6 @@ def _round1(cfg):
 
     recs = read_metrics(cfg.output.dir)
     return recs[1]
-
-
-def test_grades_first_requests_only_usable_teachers():
-    # 3 clients, 5 samples; threshold 0.75
-    grades = T([[0.80, 0.70, 0.90, 0.50, 0.76],
-                [0.80, 0.74, 0.95, 0.60, 0.76],
-                [0.70, 0.60, 0.95, 0.70, 0.90]])
-    best = None
-    for k in (2, 0, 1):  # any arrival order
-        best = fold_teacher(best, k, {"grade": grades[k]})
-    assert best["index"].tolist() == [0, 1, 1, 2, 2] and "logits" not in best
-    asks = teacher_requests(best, 0.75)
-    # sample 0: client 0 (tie with 1 -> lower index); 1: best 0.74 <= 0.75, nobody; 2: client 1 (tie with 2)
-    # 3: best 0.70 <= 0.75, nobody; 4: client 2
-    assert {k: v.tolist() for k, v in asks.items()} == {0: [0], 1: [2], 2: [4]}
-    logits = torch.arange(3 * 5 * 2 * 1 * 1, dtype=torch.float32).reshape(3, 5, 2, 1, 1)
-    fold = place_teacher_rows(best, asks)
-    acc = None
-    for k in (1, 2, 0):
-        acc = fold(acc, k, {"logits": logits[k][asks[k]]})
-    teacher = finish_teacher(acc)
-    full = None
-    for k in range(3):
-        full = fold_teacher(full, k, {"grade": grades[k], "logits": logits[k]})
-    g0 = T([0.5, 0.5, 0.5, 0.5, 0.95])
-    mask = teacher_mask(teacher["grade"], g0, 0.75)
-    assert mask.tolist() == teacher_mask(full["grade"], g0, 0.75).tolist() == [True, False, True, False, False]
-    assert torch.equal(teacher["logits"][mask], full["logits"][mask])
-
-
-def test_grades_first_failed_client_teaches_nothing():
-    best = {"grade": T([0.9, 0.8, 0.95]), "index": T([0, 1, 1])}
-    asks = teacher_requests(best, 0.0)
-    fold = place_teacher_rows(best, asks)
-    acc = fold(None, 0, {"logits": torch.ones(1, 2, 1, 1)})  # client 1 never answers
-    teacher = finish_teacher(acc)
-    assert teacher["grade"].tolist() == [pytest.approx(0.9), -1.0, -1.0]
-    assert teacher_mask(teacher["grade"], torch.zeros(3), 0.0).tolist() == [True, False, False]
-    assert finish_teacher(None) is None
 
 
 def test_head_logits_upsampled_equal_the_model_output():

@@ -126,12 +126,10 @@ def test_skip_client_when_its_loader_fails_once(tmp_path, monkeypatch):
 
 
 def test_without_fault_tolerance_a_failure_stops_the_run(tmp_path, monkeypatch):
-    from fed.common import hssf_local as local_ssl
-
     def boom(*a, **k):
         raise RuntimeError("client crashed (injected)")
 
-    monkeypatch.setattr(local_ssl, "unlabeled_pass", boom)
+    monkeypatch.setattr("fed.methods.hssf.unlabeled_pass", boom)  # HSSF's local step, as the method calls it
     cfg = tiny_cfg(tmp_path, "stop", "train.warmup_rounds=0")
     with pytest.raises(RuntimeError, match="client crashed"):
         train(cfg, progress=False)

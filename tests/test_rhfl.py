@@ -1,11 +1,11 @@
 """RHFL (BASELINES.md section 10): SCE, CCR weights and the collaborative KL by hand, the lock-step public
-batch, whole tiny runs (bytes = what is declared) and the Flower simulation bit-identical to in process."""
+batch, whole tiny runs (bytes = what is declared). On Flower: test_arrangements.py."""
 import math
 
 import pytest
 import torch
 
-from conftest import assert_same_run, run_tiny, tiny_overrides
+from conftest import run_tiny, tiny_overrides
 from fed import load_config
 from fed.methods.rhfl import ccr_weights, collaborative_kl, masked_sce, public_batch, sce_pixels
 from utils.logger import read_metrics
@@ -87,12 +87,3 @@ def test_two_tiny_rounds(tmp_path):
     q = [(l1[n]["ccr_loss"] - l2[n]["ccr_loss"]) / l2[n]["ccr_loss"] for n in names]
     f = [1.0 + 0.5 * qk / sum(q) for qk in q]
     assert w["ccr_w0"] == pytest.approx(math.exp(f[0]) / (math.exp(f[0]) + math.exp(f[1])), rel=1e-5)
-
-
-def test_flower_simulation_is_identical(tmp_path):
-    pytest.importorskip("flwr")
-    pytest.importorskip("ray")
-    cfg, res = run_tiny(tmp_path, "in", "method=rhfl", "train.rounds=2")
-    cfg2, res2 = run_tiny(tmp_path, "sim", "method=rhfl", "train.rounds=2",
-                          "train.worker_threads=1", engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)

@@ -1,11 +1,10 @@
 """SemiFL (``fed/methods/semifl.py``): fix-set selection, the mixup loss and the server momentum step by hand;
-two tiny rounds in process (losses, bytes); the Flower simulation bit-identical to the in-process run."""
+two tiny rounds in process (losses, bytes). On Flower and resumed: test_arrangements.py."""
 import math
 
 import pytest
 import torch
 
-from conftest import assert_same_run, run_tiny
 from fed.methods.semifl import fix_select, mixup_lambda, semifl_loss, server_momentum_step
 from utils.losses import IGNORE, masked_ce
 
@@ -81,10 +80,10 @@ def _state_bytes(sd):
 
 
 @pytest.fixture(scope="module")
-def ref(tmp_path_factory, one_thread):
-    """3 tiny rounds in process: warm-up, then two rounds of clients (the server momentum used twice)."""
-    tmp = tmp_path_factory.mktemp("semifl")
-    return tmp, *run_tiny(tmp, "in", *SEMIFL, "train.rounds=3")
+def ref(tiny_runs):
+    """3 tiny rounds in process: warm-up, then two rounds of clients (the server momentum used twice);
+    test_arrangements' reference."""
+    return tiny_runs.in_process(*SEMIFL, "train.rounds=3")
 
 
 def test_tiny_rounds(ref):
@@ -105,28 +104,6 @@ def test_tiny_rounds(ref):
             assert all(math.isfinite(v) for v in loss.values())
             assert recs[r]["bytes"][n] == {"up": sd, "down": sd}
         assert math.isfinite(recs[r]["loss"]["server"]["sup_seg"])
-
-
-def test_flower_sim_identical(ref):
-    pytest.importorskip("flwr")
-    pytest.importorskip("ray")
-    tmp, cfg, res = ref
-    cfg2, res2 = run_tiny(tmp, "sim", *SEMIFL, "train.rounds=3", "train.worker_threads=1", engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)
-
-
-def test_resume_is_identical(ref):
-    """Stopped after round 1 and resumed: the server's momentum buffer comes back from its ``extra``."""
-    from pathlib import Path
-
-    from fed import load_config
-    from fed.core.run import train
-
-    tmp, cfg, res = ref
-    cfg2, out = run_tiny(tmp, "resumed", *SEMIFL, "train.rounds=3", stop_after=2)
-    assert out == {"stopped_after": 1}
-    res2 = train(load_config(Path(cfg2.output.dir) / "config.yaml"), resume=True, progress=False)
-    assert_same_run(cfg, res, cfg2, res2)
 
 
 def test_server_aggregate_steps_parameters_and_averages_buffers():

@@ -2,7 +2,7 @@
 and the best/last checkpoints saved from it, are the average of the clients' weights *after* round
 ``r``'s local training (not the average the round started from).
 
-Every client step goes through :func:`fed.core.runner.call`; wrapping it records each client's model right
+Every client step goes through :func:`fed.core.calls.call`; wrapping it records each client's model right
 after its ``local`` step (its post-local weights) and the model it scores in each ``evaluate`` call.
 """
 from pathlib import Path
@@ -22,7 +22,7 @@ CLIENTS = ("client0", "client1")
 def recorded(monkeypatch):
     """``{"local": {(rnd, client): state}, "val": {(rnd, client): state}}``: each client's model after its
     local step, and the model it scored on its val split (in the round of the last local step)."""
-    import fed.core.runner as R
+    import fed.core.calls as R
 
     seen = {"local": {}, "val": {}}
     real, now = R.call, {"rnd": None}

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import fed
-import fed.core.runner
+import fed.core.calls
 from conftest import run_tiny
 from fed.core.method import RESERVED, Method, step
-from fed.core.runner import PARTY_CALLS, call, step_name
+from fed.core.calls import PARTY_CALLS, call, step_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +82,7 @@ def test_read_only_steps_change_nothing_on_their_party(tmp_path, monkeypatch, va
     """Every call of a read-only step in a real run (3 rounds, 1 warm-up) leaves its party's whole
     state (model, optimizer, schedule, scaler, the method's extra state) as it found it: a Flower
     "query" may be answered by any copy of the site and is not committed."""
-    real, seen = fed.core.runner.call, set()
+    real, seen = fed.core.calls.call, set()
 
     def checked(method, party, name, msg, kw):
         if name not in type(method).read_only:
@@ -94,7 +94,7 @@ def test_read_only_steps_change_nothing_on_their_party(tmp_path, monkeypatch, va
         seen.add(name)
         return out
 
-    monkeypatch.setattr(fed.core.runner, "call", checked)
+    monkeypatch.setattr(fed.core.calls, "call", checked)
     overrides, expected = VARIANTS[variant]
     run_tiny(tmp_path, variant, *overrides, "train.rounds=3")
     assert seen == expected

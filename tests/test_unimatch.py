@@ -3,14 +3,13 @@
 
 By hand: the loss combination, a strong-view loss with a cut-mixed confidence mask, the CutMix box's
 probability, area and aspect-ratio bounds. Two tiny rounds in process (L_s1, L_s2 and L_fp trained on
-after the warm-up; LSSL's bytes); the Flower simulation gives the same run.
+after the warm-up; LSSL's bytes). On Flower: test_arrangements.py.
 """
 import math
 
 import pytest
 import torch
 
-from conftest import assert_same_run, run_tiny
 from utils.losses import masked_ce
 from fed.methods.unimatch import unimatch_unlabeled_loss
 from utils.rng import generator
@@ -64,9 +63,8 @@ def test_cutmix_box_bounds():
 
 
 @pytest.fixture(scope="module")
-def um_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("um")
-    return (tmp, *run_tiny(tmp, "in_process", *SETTINGS))
+def um_run(tiny_runs):
+    return tiny_runs.in_process(*SETTINGS)  # test_arrangements' reference
 
 
 def test_two_rounds(um_run):
@@ -84,11 +82,3 @@ def test_two_rounds(um_run):
         assert all(r["bytes"][name]["up"] == r["bytes"][name]["down"] == sd * (2 if r["round"] == 0 else 1)
                    for r in recs)
     assert any(recs[1]["loss"][n][k] > 0 for n in ("client0", "client1") for k in ("unl_s1", "unl_s2", "unl_fp"))
-
-
-def test_flower_simulation_is_the_same_run(um_run, tmp_path):
-    pytest.importorskip("flwr", reason="Flower is not installed")
-    pytest.importorskip("ray", reason="Flower's simulation needs Ray")
-    _, cfg, res = um_run
-    cfg2, res2 = run_tiny(tmp_path, "sim", *SETTINGS, "train.worker_threads=1", engine="flower-sim")
-    assert_same_run(cfg, res, cfg2, res2)

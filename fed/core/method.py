@@ -51,6 +51,13 @@ class LossLog:
             self._sum[k] = self._sum.get(k, 0) + v
             self._n[k] += 1
 
+    def state_dict(self) -> dict:
+        """The running sums and counts (to carry a round's log to another process)."""
+        return {"sum": dict(self._sum), "n": dict(self._n)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sum, self._n = dict(state["sum"]), defaultdict(int, state["n"])
+
     def means(self) -> Dict[str, float]:
         """Mean of each term (NaN or inf where a step's loss was not finite)."""
         return {k: float(s) / self._n[k] for k, s in self._sum.items()}

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
+import networks
 from datasets.dataset import SegDataset, collate_names
 from datasets.sampler import KeyedSampler
 from utils.device import Amp
@@ -30,6 +31,7 @@ from utils.rng import clamped_noise, seed_torch
 
 from fed.core.method import LossLog
 from fed.core.evaluate import score_model
+from fed.core.registry import METHODS
 
 PUBLIC = "public"  # the stream of the public batches that every party rebuilds identically
 
@@ -208,6 +210,15 @@ class Party:
             else:
                 self.extra[k] = v
 
+    def round_state(self) -> dict:
+        """What the party holds within a round beyond :meth:`state_dict`: its loss log and the snapshot a
+        rollback returns to (a Flower site carries them to the process that serves its next message)."""
+        return {"log": self.log.state_dict(), "round_start": self._round_start}
+
+    def load_round_state(self, state: dict) -> None:
+        self.log.load_state_dict(state["log"])
+        self._round_start = state["round_start"]
+
     def state_path(self, folder, rnd: int) -> Path:
         return Path(folder) / f"{self.name}.r{rnd}.pt"
 
@@ -220,3 +231,20 @@ class Party:
         from utils.checkpoint import safe_load
 
         self.load_state_dict(safe_load(self.state_path(folder, rnd), f"training state of {self.name}"))
+
+
+def make_party(cfg, amp: Amp, name: str, arch: str, items: Dict[str, list], public: SegDataset,
+               index: Optional[int] = None, site: str = "") -> Party:
+    """Build one party: its model (initialised from the key ``(seed, "init", name)``), loaders, optimizer."""
+    d = cfg.data
+    loaders = {"public": build_loader(public, d, amp.device)}
+    modes = {"labeled_train": ("labeled", "labeled"), "unlabeled_train": ("unlabeled", "unlabeled"),
+             "val_list": ("val", "eval"), "test_list": ("test", "eval")}
+    for key, (which, mode) in modes.items():
+        if items.get(key):
+            loaders[which] = build_loader(SegDataset(items[key], d.size, mode, cache=d.cache).preload(), d, amp.device)
+    seed_torch(cfg.seed, "init", name)
+    model = networks.build_model(arch, pretrained=cfg.models.pretrained)
+    party = Party(name, arch, model, cfg, amp, loaders, index=index, site=site)
+    METHODS[cfg.method](cfg).setup(party)
+    return party

@@ -30,7 +30,7 @@ from utils.io import atomic_torch_save, atomic_write_text
 from utils.logger import RunLogger
 from utils.metrics import NAMES, ScoreBook
 
-from fed.core.runner import Runner, make_runner
+from fed.core.runner import Runner, engine_host, make_runner
 
 STATE_DIR = Path("state")
 COMMIT = "last.json"  # {"round": r, "best": ..., "config": ...}: the last round whose state is complete
@@ -76,18 +76,20 @@ def prepare_run_dir(cfg, overwrite: bool = False, dry_run: bool = False) -> Path
 
 
 def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          stop_after: Optional[int] = None, order: str = "forward", engine: str = "inprocess") -> dict:
+          stop_after: Optional[int] = None, order: str = "forward", engine="inprocess") -> dict:
     """Run (or resume) the experiment of ``cfg``; returns the results dict (also ``results.json``).
 
     ``stop_after``: stop after that many rounds of this call (tests, benchmarks). ``engine``: where the
-    clients run (:data:`fed.core.runner.ENGINES`).
+    clients run: a name of :data:`fed.core.runner.ENGINES` or a client host class
+    (:func:`fed.core.runner.engine_host`).
     """
     t0 = time.time()
     if not resume and not overwrite:
         prepare_run_dir(cfg, dry_run=True)  # refuse an occupied run directory before any work
-    # bad data is reported before a run directory is created; the server of a deployment holds only the
-    # public set (and the split file): each site resolves and verifies its own files when it is set up
-    clients = () if engine == "flower-deployment" else None
+    # bad data is reported before a run directory is created; a host whose clients read their own files
+    # (a deployment's sites) leaves them out here: each site resolves and verifies its own when it is set up
+    host = engine_host(engine, cfg)
+    clients = None if host.reads_client_data else ()
     if cfg.data.verify:
         from datasets.verify import verify_or_raise
 
@@ -98,7 +100,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = T
     logger = RunLogger(run, console=progress)
     try:
         t = time.perf_counter()
-        runner = make_runner(cfg, data, logger, order, engine)
+        runner = make_runner(cfg, data, logger, order, host)
         build_s = time.perf_counter() - t
         try:
             return Run(cfg, run, logger, runner, data, t0, build_s).go(resume, progress, stop_after)

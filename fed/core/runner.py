@@ -14,122 +14,40 @@ or a site is the step's name. A step sees only its own party and the message; a 
 (tensors, numbers, small dicts). Every message to and from a client is counted (bytes down and up per
 client) and every phase is timed.
 
-:class:`Runner` keeps all parties in this process (clients run one after another, in index order or,
-``order="reverse"``, backwards); with ``train.client_workers: N`` the clients live in ``N`` worker
-processes (one per GPU where several are present) and the clients of a phase run concurrently.
-Randomness is keyed (:mod:`utils.rng`), so every arrangement gives the same result.
+The runner holds the server party and the method, carries the protocol's messages, counts their bytes,
+times the phases and applies the failure policy; where the clients live is its *host*
+(:class:`fed.core.hosts.ClientHost`): this process (:class:`~fed.core.hosts.InProcessHost`, clients one
+after another, in index order or, ``order="reverse"``, backwards), ``train.client_workers`` worker
+processes (:class:`~fed.core.hosts.WorkerHost`), the nodes of a Flower simulation or the SuperNodes of
+a deployment (:mod:`fed.flower`). Randomness is keyed (:mod:`utils.rng`), so every arrangement gives
+the same result.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import time
-import traceback
 from collections import defaultdict
-from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
-import numpy as np
 import torch
 
-import networks
 from datasets.dataset import SegDataset
 from utils.device import Amp, resolve_device
 from utils.metrics import ScoreBook
-from utils.rng import seed_torch
 
+from fed.core.calls import PARTY_CALLS, ClientFailure, call, nbytes, step_name, to_device  # noqa: F401
+from fed.core.hosts import InProcessHost, WorkerHost
+from fed.core.method import for_client
+from fed.core.party import Party, make_party
 from fed.core.registry import METHODS
-from fed.core.method import PerClient, for_client
-from fed.core.party import Party, build_loader
-
-#: what a runner may ask of any party besides the method's steps
-PARTY_CALLS = ("begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate",
-               "test_weights")
-
-
-def nbytes(msg) -> int:
-    """Bytes a message carries as data: tensor/array payloads, 8 per number, the length of strings."""
-    if msg is None:
-        return 0
-    if torch.is_tensor(msg):
-        return msg.numel() * msg.element_size()
-    if isinstance(msg, np.ndarray):
-        return int(msg.nbytes)
-    if isinstance(msg, dict):
-        return sum(nbytes(v) for v in msg.values())
-    if isinstance(msg, (list, tuple)):
-        return sum(nbytes(v) for v in msg)
-    if isinstance(msg, str):
-        return len(msg.encode())
-    return 8
-
-
-def to_device(msg, device):
-    if torch.is_tensor(msg):
-        return msg.to(device, non_blocking=True)
-    if isinstance(msg, dict):
-        return {k: to_device(v, device) for k, v in msg.items()}
-    if isinstance(msg, (list, tuple)):
-        return type(msg)(to_device(v, device) for v in msg)
-    return msg
-
-
-def make_party(cfg, amp: Amp, name: str, arch: str, items: Dict[str, list], public: SegDataset,
-               index: Optional[int] = None, site: str = "") -> Party:
-    """Build one party: its model (initialised from the key ``(seed, "init", name)``), loaders, optimizer."""
-    d = cfg.data
-    loaders = {"public": build_loader(public, d, amp.device)}
-    modes = {"labeled_train": ("labeled", "labeled"), "unlabeled_train": ("unlabeled", "unlabeled"),
-             "val_list": ("val", "eval"), "test_list": ("test", "eval")}
-    for key, (which, mode) in modes.items():
-        if items.get(key):
-            loaders[which] = build_loader(SegDataset(items[key], d.size, mode, cache=d.cache).preload(), d, amp.device)
-    seed_torch(cfg.seed, "init", name)
-    model = networks.build_model(arch, pretrained=cfg.models.pretrained)
-    party = Party(name, arch, model, cfg, amp, loaders, index=index, site=site)
-    METHODS[cfg.method](cfg).setup(party)
-    return party
-
-
-def step_name(method, step) -> str:
-    """The name that stands for ``step`` (a bound ``@step`` of ``method``) on the wire."""
-    name = getattr(step, "__name__", None)
-    if not callable(step) or getattr(step, "__self__", None) is None or name not in type(method).steps:
-        raise TypeError(f"{type(method).__name__}: {step!r} is not one of its steps ({', '.join(type(method).steps)}); "
-                        f"pass the bound method, e.g. r.clients(self.local, ...)")
-    return name
-
-
-def call(method, party: Party, step: str, msg, kw: dict):
-    """Run the step named ``step`` on ``party``: a method step ``method.step(party, msg, **kw)`` or a
-    party call (:data:`PARTY_CALLS`); any other name is refused."""
-    if step == "evaluate":  # the method says which model a client scores (lssl: the global one)
-        return party.evaluate(method.eval_model(party), **kw)
-    if step == "test_weights":  # the final test: the message is the weights to score
-        return party.test_weights(msg, **kw)
-    if step in PARTY_CALLS:
-        return getattr(party, step)(**kw)
-    if step not in type(method).steps:
-        raise KeyError(f"{step!r} is neither a step of {type(method).__name__} ({', '.join(type(method).steps)}) "
-                       f"nor a party call ({', '.join(PARTY_CALLS)})")
-    return getattr(method, step)(party, msg, **kw)
-
-
-class ClientFailure(RuntimeError):
-    """A client's step raised; ``reason`` is ``Type: message``, ``trace`` its traceback."""
-
-    def __init__(self, name: str, reason: str, trace: str = ""):
-        super().__init__(f"{name}: {reason}")
-        self.name, self.reason, self.trace = name, reason, trace
-
 
 class Runner:
-    """Parties + method, built from a validated config and the resolved file lists."""
+    """Parties + method, built from a validated config and the resolved file lists; the clients live in
+    ``host`` (a :class:`fed.core.hosts.ClientHost` class, built here with this runner)."""
 
-    #: parties may be read (state writing) on another thread while this one evaluates
-    concurrent_safe = True
-
-    def __init__(self, cfg, data, logger=None, order: str = "forward"):
+    def __init__(self, cfg, data, logger=None, order: str = "forward", host=None):
         self.cfg, self.logger, self.order = cfg, logger, order
         d, t = cfg.data, cfg.train
         self.device = resolve_device(cfg.device)
@@ -145,14 +63,21 @@ class Runner:
         #: each client's number of files per split (a Flower site reports its own when it is set up)
         self.file_counts: Dict[str, Dict[str, int]] = {
             n: {key: len(v) for key, v in items.items()} for n, items in zip(self.names, data.clients) if items is not None}
-        self._host_clients()
         self.skipped: Dict[str, str] = {}
         self.bytes = {n: {"up": 0, "down": 0} for n in self.names}
         self.times: Dict[str, float] = defaultdict(float)
+        self.round = -1  # the round in progress
+        self.host = (host or InProcessHost)(self)
 
-    def _host_clients(self) -> None:
-        self.parties = {n: make_party(self.cfg, self.amp, n, self.archs[n], self.data.clients[k], self.public,
-                                      index=k, site=self.sites[n]) for k, n in enumerate(self.names)}
+    @property
+    def concurrent_safe(self) -> bool:
+        """Whether the parties may be read (state writing) on another thread while this one evaluates."""
+        return self.host.concurrent_safe
+
+    @property
+    def parties(self) -> Dict[str, Party]:
+        """The client parties, where the host keeps them in this process."""
+        return self.host.parties
 
     # --- the protocol that methods use ----------------------------------------------------------
     def active(self) -> List[str]:
@@ -187,26 +112,23 @@ class Runner:
                 torch.cuda.synchronize(self.device)
             self.times[name] += time.perf_counter() - t
 
-    # --- running client steps -------------------------------------------------------------------
+    # --- carrying calls to the host, and what happens when one fails ---------------------------------
     def _calls(self, names: List[str], step: str, msg, kw: dict):
-        """Yield ``(name, reply)`` for each client that completes ``step``; a failing client is
-        skipped for the rest of the round under ``skip_client``, else the failure is raised."""
-        for name in names:
-            try:
-                reply = call(self.method, self.parties[name], step, self._part(msg, name), kw)
-            except Exception as e:  # noqa: BLE001 - any failure of one client's work
-                self._failed(ClientFailure(name, f"{type(e).__name__}: {e}", traceback.format_exc()), e)
-                continue
-            yield name, reply
+        """Yield ``(name, reply)`` for each client that completes ``step``, as the replies come. Once
+        every reply is in, each failing client is skipped for the rest of the round under
+        ``skip_client`` (its state rolled back), else the first failure is raised."""
+        failures = []
+        for name, reply in self.host.calls(names, step, msg, kw):
+            if isinstance(reply, ClientFailure):
+                failures.append(reply)
+            else:
+                yield name, reply
+        for f in failures:
+            self._failed(f)
 
-    def _part(self, msg, name: str):
-        return for_client(msg, self.names.index(name))
-
-    def _failed(self, failure: ClientFailure, original: Optional[BaseException] = None) -> None:
+    def _failed(self, failure: ClientFailure) -> None:
         if self.cfg.train.fault_tolerance != "skip_client":
-            if original is not None:
-                raise original
-            raise failure
+            failure.raise_()
         self.skipped[failure.name] = failure.reason
         if self.logger is not None:
             self.logger.log.error(f"{failure.name} ({self.sites[failure.name]}) fails and sits this round out: "
@@ -214,16 +136,47 @@ class Runner:
         self._call_one(failure.name, "rollback", None, {})
 
     def _call_one(self, name: str, step: str, msg, kw: dict):
-        return call(self.method, self.parties[name], step, msg, kw)
+        """A party call on one client; its failure is raised."""
+        for _, reply in self.host.calls([name], step, msg, kw):
+            if isinstance(reply, ClientFailure):
+                reply.raise_()
+            return reply
+        raise ClientFailure(name, f"lost: {self.lost.get(name)}")
 
     def _all(self, step: str, **kw) -> Dict[str, object]:
-        """A party call on every client (not a method message: not counted)."""
-        return {n: self._call_one(n, step, None, kw) for n in self.names}
+        """A party call on every client that is not lost (not a method message: not counted); lost sites
+        are listed as skipped. The first failure is raised once every reply is in."""
+        for n, reason in self.lost.items():
+            self.skipped.setdefault(n, f"lost: {reason}")
+        out, failures = {}, []
+        for name, reply in self.host.calls(list(self.names), step, None, kw):
+            if isinstance(reply, ClientFailure):
+                failures.append(reply)
+            else:
+                out[name] = reply
+        if failures:
+            failures[0].raise_()
+        return {n: out[n] for n in self.names if n in out}
+
+    def lose(self, name: str, reason: str) -> None:
+        """``name`` stopped answering (a host says so): it sits out the rest of the run, or the run stops
+        if fewer than ``train.min_sites`` sites remain."""
+        self.lost[name] = reason
+        self.skipped[name] = f"lost: {reason}"
+        left = [n for n in self.names if n not in self.lost]
+        need = self.cfg.train.min_sites or len(self.names)
+        if self.logger is not None:
+            self.logger.log.error(f"{name} ({self.sites[name]}) is lost: {reason}; {len(left)} of {len(self.names)} "
+                                  f"site(s) left (train.min_sites: {need})")
+        if len(left) < need:
+            raise SitesLost(f"{', '.join(self.lost)} lost ({reason}): {len(left)} site(s) left, train.min_sites needs "
+                            f"{need}. The run stops; its last completed round is kept: resume once the sites are back")
 
     # --- what the run uses ------------------------------------------------------------------------
     def run_round(self, rnd: int) -> dict:
         """One communication round: the method's protocol; returns losses, lrs, skips, bytes, times."""
         keep = self.cfg.train.fault_tolerance == "skip_client"
+        self.round = rnd
         self.skipped = {}
         self.bytes = {n: {"up": 0, "down": 0} for n in self.names}
         self.times = defaultdict(float)
@@ -267,163 +220,43 @@ class Runner:
         return self.server_party.weights()
 
     def save_state(self, folder: Path, rnd: int) -> None:
-        """Every party writes its own state file (where it lives: a worker writes its clients')."""
+        """Every party writes its own state file, where it lives (a worker writes its clients', a site to
+        its own disk)."""
         self.server_party.save_state(folder, rnd)
-        self._all("save_state", folder=folder, rnd=rnd)
+        self._all("save_state", **self.host.state_kw(folder, rnd))
 
     def load_state(self, folder: Path, rnd: int) -> None:
         self.server_party.load_state(folder, rnd)
-        self._all("load_state", folder=folder, rnd=rnd)
+        self._all("load_state", **self.host.state_kw(folder, rnd))
 
     def close(self) -> None:
-        pass
+        self.host.close()
 
 
-# --- clients in worker processes ------------------------------------------------------------------
-
-def _worker_main(conn, settings: dict, hosted: Dict[str, tuple], public_items, device: str, threads: int):
-    """A worker process: builds the clients it hosts, then serves ``(name, step, msg, kw)`` requests."""
-    from utils.config import Config
-
-    def as_config(d):
-        return Config({k: as_config(v) if isinstance(v, dict) else v for k, v in d.items()})
-
-    try:
-        torch.set_num_threads(threads)
-        cfg = as_config(settings)
-        cfg.device = device
-        dev = resolve_device(device)
-        amp = Amp.for_device(dev, cfg.train.amp, cfg.train.channels_last)
-        method = METHODS[cfg.method](cfg)
-        public = SegDataset(public_items, cfg.data.size, "labeled", cache=cfg.data.cache).preload()
-        parties = {n: make_party(cfg, amp, n, arch, items, public, index=k, site=site)
-                   for n, (k, site, arch, items) in hosted.items()}
-        conn.send(("ready", None, None, None))
-    except BaseException as e:  # noqa: BLE001
-        conn.send(("err", None, f"{type(e).__name__}: {e}", traceback.format_exc()))
-        return
-    while True:
-        req = conn.recv()
-        if req is None:
-            return
-        name, step, msg, kw = req
-        try:
-            reply = call(method, parties[name], step, to_device(msg, dev), kw)
-            conn.send(("ok", name, to_device(reply, "cpu"), None))
-        except BaseException as e:  # noqa: BLE001 - reported to the runner
-            conn.send(("err", name, f"{type(e).__name__}: {e}", traceback.format_exc()))
+class SitesLost(RuntimeError):
+    """Fewer sites answer than ``train.min_sites``: the run stops (its last completed round is kept)."""
 
 
-class ProcessRunner(Runner):
-    """The clients live in ``train.client_workers`` worker processes (spawned); the server here.
-
-    Client ``k`` is hosted by worker ``k % N``; a worker serves its clients one after another, the
-    workers run side by side. With several CUDA devices, worker ``i`` uses ``cuda:(i % count)``.
-    """
-
-    concurrent_safe = False  # one pipe per worker: requests go from one thread only
-
-    def _host_clients(self) -> None:
-        import torch.multiprocessing as mp
-
-        n = min(self.cfg.train.client_workers, len(self.names))
-        ctx = mp.get_context("spawn")
-        threads = max(1, torch.get_num_threads() // n) if self.cfg.train.worker_threads == 0 \
-            else self.cfg.train.worker_threads
-        gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
-        self.host, self.conns, self.procs = {}, [], []
-        settings = self.cfg.settings()
-        for i in range(n):
-            hosted = {name: (k, self.sites[name], self.archs[name], self.data.clients[k])
-                      for k, name in enumerate(self.names) if k % n == i}
-            device = f"cuda:{i % gpus}" if gpus > 1 else str(self.device)
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(child, settings, hosted, self.data.public, device, threads),
-                            daemon=True, name=f"hssf-worker{i}")
-            p.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(p)
-            self.host.update({name: i for name in hosted})
-        for i, c in enumerate(self.conns):
-            status, _, reason, trace = c.recv()
-            if status != "ok" and status != "ready":
-                self.close()
-                raise RuntimeError(f"client worker {i} failed to start: {reason}\n{trace}")
-
-    def _calls(self, names: List[str], step: str, msg, kw: dict):
-        pending = {i: [] for i in range(len(self.conns))}
-        for name in names:
-            pending[self.host[name]].append(name)
-        out = to_device(msg, "cpu") if not isinstance(msg, PerClient) else None
-        for i, queue in pending.items():  # each worker gets its requests in index order
-            for name in queue:
-                part = out if out is not None else to_device(self._part(msg, name), "cpu")
-                self.conns[i].send((name, step, part, kw))
-        waiting = {self.conns[i]: len(q) for i, q in pending.items() if q}
-        failures = []
-        while waiting:
-            for conn in wait(list(waiting)):
-                status, name, payload, trace = conn.recv()
-                waiting[conn] -= 1
-                if not waiting[conn]:
-                    del waiting[conn]
-                if status == "ok":
-                    yield name, to_device(payload, self.device)
-                else:
-                    failures.append(ClientFailure(name, payload, trace))
-        for f in failures:  # once every pipe is drained: a rollback is a request of its own
-            self._failed(f)
-
-    def _call_one(self, name: str, step: str, msg, kw: dict):
-        conn = self.conns[self.host[name]]
-        conn.send((name, step, to_device(msg, "cpu"), kw))
-        status, _, payload, trace = conn.recv()
-        if status != "ok":
-            raise ClientFailure(name, payload, trace)
-        return payload
-
-    def _all(self, step: str, **kw) -> Dict[str, object]:
-        for name in self.names:
-            self.conns[self.host[name]].send((name, step, None, kw))
-        out = {}
-        for name in self.names:  # each worker answers its requests in order
-            status, got, payload, trace = self.conns[self.host[name]].recv()
-            if status != "ok":
-                raise ClientFailure(got, payload, trace)
-            out[got] = payload
-        return out
-
-    def close(self) -> None:
-        for c in self.conns:
-            try:
-                c.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-        self.conns, self.procs = [], []
-
-
-#: where the clients run, name -> the runner class (``module:attribute``, imported when asked for):
+#: where the clients run, name -> the host class (``module:attribute``, imported when asked for):
 #: ``inprocess`` (here, or in ``train.client_workers`` worker processes), ``flower-sim`` (nodes of a Flower
-#: simulation, :mod:`fed.flower`; needs requirements-flower.txt) and ``flower-deployment`` (only inside the
-#: ServerApp of :mod:`fed.flower.deploy`, on the SuperLink's Grid). The Flower runners build on this module,
-#: so they are named here, not imported.
-ENGINES = {"inprocess": "fed.core.runner:Runner", "flower-sim": "fed.flower.engine:FlowerRunner",
-           "flower-deployment": "fed.flower.deploy:DeployedRunner"}
+#: simulation, :mod:`fed.flower`; needs requirements-flower.txt). A deployment's ServerApp passes its own
+#: host class (:func:`fed.flower.deploy.grid_host`). The Flower hosts build on this module, so they are
+#: named here, not imported.
+ENGINES = {"inprocess": "fed.core.hosts:InProcessHost", "flower-sim": "fed.flower.engine:SimulationHost"}
 
 
-def make_runner(cfg, data, logger=None, order: str = "forward", engine: str = "inprocess") -> Runner:
+def engine_host(engine: Union[str, type], cfg=None) -> type:
+    """The host class of ``engine``: a name of :data:`ENGINES` or a host class itself. ``inprocess`` with
+    ``train.client_workers > 0`` is the worker-process host."""
+    if not isinstance(engine, str):
+        return engine
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "inprocess":
-        cls = ProcessRunner if cfg.train.client_workers > 0 else Runner
-    else:
-        import importlib
+    if engine == "inprocess" and cfg is not None and cfg.train.client_workers > 0:
+        return WorkerHost
+    module, attr = ENGINES[engine].split(":")
+    return getattr(importlib.import_module(module), attr)
 
-        module, attr = ENGINES[engine].split(":")
-        cls = getattr(importlib.import_module(module), attr)
-    return cls(cfg, data, logger, order)
+
+def make_runner(cfg, data, logger=None, order: str = "forward", engine: Union[str, type] = "inprocess") -> Runner:
+    return Runner(cfg, data, logger, order, host=engine_host(engine, cfg))

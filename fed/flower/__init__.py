@@ -3,9 +3,11 @@
 - :mod:`fed.flower.codec`: how a step's call, keyword arguments and payload become a ``RecordDict``
   (and back), losslessly.
 - :mod:`fed.flower.site`: the ClientApp side: a site builds (or restores) its party from the run's
-  settings and its own entry, runs ``fed.core.runner.call`` and replies; its state lives on its own disk.
-- :mod:`fed.flower.engine`: :class:`~fed.flower.engine.FlowerRunner`, a :class:`fed.core.runner.Runner`
-  whose clients are Flower SuperNodes of a simulation (Ray backend); the server party stays here.
+  settings and its own entry, runs ``fed.core.calls.call`` and replies; its state lives on its own disk.
+- :mod:`fed.flower.engine`: :class:`~fed.flower.engine.FlowerHost`, the client host
+  (:class:`fed.core.hosts.ClientHost`) whose clients are Flower nodes on a Grid, and
+  :class:`~fed.flower.engine.SimulationHost`, the nodes of a simulation (Ray backend); the runner and the
+  server party stay here. :mod:`fed.flower.deploy`: the host of a deployment and its launcher.
 
 Nothing else in the project imports Flower; ``fed.core.runner.make_runner(..., engine="flower-sim")``
 picks this engine. Importing this package switches off everything of Flower and Ray that would

@@ -9,8 +9,8 @@ Two halves:
   on its own disk after every ``train`` message (persistence ``"message"``, :mod:`fed.flower.site`).
   The FAB carries only the entry points: this project must be importable where the SuperLink and the
   SuperNodes run (``PYTHONPATH=<repo>``, same version everywhere).
-  The ServerApp's ``main`` runs :func:`fed.core.run.train` with :class:`DeployedRunner`, a
-  :class:`~fed.flower.engine.FlowerRunner` whose Grid is the SuperLink's (the run's config is a file named
+  The ServerApp's ``main`` runs :func:`fed.core.run.train` with the host :func:`grid_host` makes, a
+  :class:`DeployedHost` whose Grid is the SuperLink's (the run's config is a file named
   by the run config key ``config``; ``resume=true`` continues its run directory). It writes
   ``status.json`` (``{"ok": true, "results": ...}`` or ``{"ok": false, "error": ...}``) beside that file.
 - **The loopback launcher** (:func:`deploy`, ``python -m fed.flower.deploy``): gives the server a folder
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import engine as _engine  # noqa: F401  (sets Flower's offline environment first)
-from .engine import FlowerRunner
+from .engine import FlowerHost
 from .site import make_client_app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,16 +57,19 @@ OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
 
 # --- the ServerApp side ------------------------------------------------------------------------------
 
-_GRID: Dict[str, object] = {}  # the Grid the ServerApp's main was given, for DeployedRunner
+class DeployedHost(FlowerHost):
+    """The clients are the SuperNodes connected to the SuperLink whose Grid the ServerApp was given
+    (:func:`grid_host` makes the host class of one Grid)."""
 
+    #: the server of a deployment holds only the public set (and the split file): each site resolves and
+    #: verifies its own files when it is set up
+    reads_client_data = False
+    grid = None  # set by grid_host
 
-class DeployedRunner(FlowerRunner):
-    """The clients are the SuperNodes connected to the SuperLink whose Grid the ServerApp was given."""
-
-    def _open_grid(self):
-        grid = _GRID.get("grid")
+    def open_grid(self):
+        grid = type(self).grid
         if grid is None:
-            raise RuntimeError("engine 'flower-deployment' runs only inside the ServerApp of fed.flower.deploy")
+            raise RuntimeError("a deployment's host needs the SuperLink's Grid: use fed.flower.deploy.grid_host(grid)")
         self.persist = "message"  # every message is served by a fresh flwr-clientapp process
         end = time.time() + NODE_WAIT_S
         while len(list(grid.get_node_ids())) < len(self.names):
@@ -76,12 +79,16 @@ class DeployedRunner(FlowerRunner):
             time.sleep(0.5)
         return grid
 
-    def _describe(self, K: int, threads: int) -> str:
+    def describe(self, K: int, threads: int) -> str:
         return (f"Flower deployment: {K} SuperNodes on the SuperLink, sites' processes of {threads} torch "
                 f"thread(s), each site's disk its node's site-dir")
 
-    def close(self) -> None:
-        pass  # the Grid belongs to the ServerApp
+
+
+def grid_host(grid) -> type:
+    """The host class whose clients are the SuperNodes on ``grid`` (what the ServerApp's ``main`` was
+    given): ``train(cfg, engine=grid_host(grid))``."""
+    return type("DeployedHostOnGrid", (DeployedHost,), {"grid": grid})
 
 
 def _server_main(grid, context) -> None:
@@ -91,19 +98,16 @@ def _server_main(grid, context) -> None:
     rc = context.run_config
     cfg_path = Path(str(rc["config"]))
     status = cfg_path.parent / STATUS
-    _GRID["grid"] = grid
     try:
         if bool(rc.get("resume", False)):
             run = Path(load_config(cfg_path).output.dir)
             cfg = load_config(run / "config.yaml", extra={"output": {"dir": str(run)}})
         else:
             cfg = load_config(cfg_path)
-        results = train(cfg, resume=bool(rc.get("resume", False)), progress=False, engine="flower-deployment")
+        results = train(cfg, resume=bool(rc.get("resume", False)), progress=False, engine=grid_host(grid))
         out = {"ok": True, "results": results}
     except BaseException as e:  # noqa: BLE001 - reported to the launcher through status.json
         out = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-    finally:
-        _GRID.clear()
     from utils.io import atomic_write_text
 
     atomic_write_text(status, json.dumps(out, default=str))

@@ -1,11 +1,11 @@
-"""FlowerRunner: the clients are Flower SuperNodes of a simulation (Ray backend); the server party
-and the method's protocol stay in this process.
+"""SimulationHost: the clients are Flower SuperNodes of a simulation (Ray backend); the server party
+and the method's protocol stay with the runner, in this process.
 
 ``python train.py --engine flower-sim`` (``fed.core.runner.make_runner(..., engine="flower-sim")``). The
 run starts ``flwr.simulation.run_simulation`` on a thread with a ServerApp whose ``main`` hands its
-``Grid`` to this runner and waits until the runner closes; the runner then carries every client step
-as a Flower Message through that Grid (:meth:`FlowerRunner._calls`: push, then pull the replies as
-they arrive). A node is a site (:mod:`fed.flower.site`): its first message (``hello``) asks who it is
+``Grid`` to this host and waits until it closes; the host then carries every client call as a
+Flower Message through that Grid (:meth:`FlowerHost.calls`: push, then pull the replies as they
+arrive). A node is a site (:mod:`fed.flower.site`): its first message (``hello``) asks who it is
 (site, architecture), so the runner learns which node is which client from the nodes themselves, as it
 would in a deployment; the second (``setup``) carries the run's settings and the client's part of the
 split, which the site resolves in its own data root.
@@ -37,7 +37,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fed.core.runner import PARTY_CALLS, ClientFailure, Runner, to_device
+from fed.core.calls import PARTY_CALLS, ClientFailure, to_device
+from fed.core.hosts import ClientHost
+from fed.core.method import for_client
 
 from .codec import content_bytes, decode_payload, encode_kw, encode_payload
 from .site import HELLO, SETUP, TRACE, make_client_app, write_node
@@ -50,9 +52,6 @@ START_TIMEOUT_S = 600.0
 #: Flower's error codes that mean the site is gone (its node is down, or its reply will never come)
 LOST_CODES = (5, 4)  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE
 
-
-class SitesLost(RuntimeError):
-    """Fewer sites answer than ``train.min_sites``: the run stops (its last completed round is kept)."""
 
 
 class _Simulation:
@@ -117,55 +116,46 @@ class _Simulation:
             self.thread.join(timeout)
 
 
-class FlowerRunner(Runner):
-    """Client steps as Flower Messages to the nodes of a Flower simulation."""
+class FlowerHost(ClientHost):
+    """Client calls as Flower Messages to the nodes on a Grid; :meth:`open_grid` says which Grid."""
 
     concurrent_safe = False  # one Grid, used from this thread only
     poll_s = 0.01
 
-    def _host_clients(self) -> None:
-        cfg = self.cfg
+    def __init__(self, runner):
+        super().__init__(runner)
+        r = runner
+        self.cfg, self.names, self.sites, self.archs = r.cfg, r.names, r.sites, r.archs
         K = len(self.names)
-        self.actors = max(1, min(cfg.train.client_workers, K))
+        self.actors = max(1, min(self.cfg.train.client_workers, K))
         self.persist = "message" if self.actors > 1 else "save_state"
-        threads = cfg.train.worker_threads or max(1, torch.get_num_threads() // self.actors)
+        threads = self.cfg.train.worker_threads or max(1, torch.get_num_threads() // self.actors)
         self.run_key = uuid.uuid4().hex
         self.version = {n: 0 for n in self.names}  # train messages sent to each site in this run
         self.served = {n: set() for n in self.names}  # the processes that served each site
         self.restores = {n: 0 for n in self.names}  # messages a process answered from the site's disk
         self.node: Dict[str, int] = {}
-        self._round = -1
         t = time.perf_counter()
-        self.grid = self._open_grid()
+        self.grid = self.open_grid()
         try:
             self._setup(threads)
         except BaseException:
             self.close()
             raise
-        if self.logger is not None:
-            self.logger.info(f"{self._describe(K, threads)}, client state persisted "
-                             f"{'after every train message' if self.persist == 'message' else 'at the save points'}"
-                             f"; up in {time.perf_counter() - t:.1f} s")
+        if r.logger is not None:
+            r.logger.info(f"{self.describe(K, threads)}, client state persisted "
+                          f"{'after every train message' if self.persist == 'message' else 'at the save points'}"
+                          f"; up in {time.perf_counter() - t:.1f} s")
 
-    def _describe(self, K: int, threads: int) -> str:
-        return (f"Flower simulation: {K} nodes, {self.actors} Ray actor(s) of {threads} torch thread(s), "
-                f"sites' disks in {self.sites_root}")
+    def open_grid(self):
+        raise NotImplementedError
 
-    def _open_grid(self):
-        """The simulation: write each simulated node's declaration (``node.json``: site, arch, data root)
-        on its disk, start the nodes, return the ServerApp's Grid. (A deployment connects to its
-        SuperLink's Grid instead: the nodes then declare themselves in their node configs.)"""
-        self.sites_root = Path(self.cfg.output.dir) / SITES_DIR
-        for name in self.names:  # what a deployed node's node config declares
-            write_node(self.sites_root / name, self.sites[name], self.archs[name], self.cfg.data.root)
-        gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
-        self._sim = _Simulation(len(self.names), self.actors, gpus, str(self.sites_root))
-        try:
-            return self._sim.start()
-        except BaseException:
-            self._sim.stop()
-            raise
+    def describe(self, K: int, threads: int) -> str:
+        raise NotImplementedError
 
+    def state_kw(self, folder: Path, rnd: int) -> dict:
+        """A site writes and reads its state on its own disk (``<site>/state``): only the round crosses."""
+        return {"rnd": rnd}
     def _setup(self, threads: int) -> None:
         """``hello``: every node says which site it is and its architecture; then ``setup``: each gets the
         run's settings, its client name and index and its part of the split (the names of its own files
@@ -205,15 +195,15 @@ class FlowerRunner(Runner):
         if problems:
             raise RuntimeError("Flower setup failed: " + "; ".join(problems))
 
-        split = json.loads(Path(self.data.split_path).read_text())
+        split = json.loads(Path(self.runner.data.split_path).read_text())
         public = self.cfg.data.public
         base = {"step": SETUP, "run": self.run_key, "version": 0, "settings": json.dumps(self.cfg.settings()),
-                "device": "cuda" if self.device.type == "cuda" else str(self.device), "threads": threads,
+                "device": "cuda" if self.runner.device.type == "cuda" else str(self.runner.device), "threads": threads,
                 "persist": self.persist}
         calls = {self.node[n]: {**base, "name": n, "index": k,
                                 "split": json.dumps({public: split[public], self.sites[n]: split[self.sites[n]]}),
                                 # the data this process read is verified already (one machine: the simulation)
-                                "verify": bool(self.cfg.data.verify and self.data.clients[k] is None)}
+                                "verify": bool(self.cfg.data.verify and self.runner.data.clients[k] is None)}
                  for k, n in enumerate(self.names)}
         by_node = {v: n for n, v in self.node.items()}
         answered = set()
@@ -225,7 +215,7 @@ class FlowerRunner(Runner):
                 problems.append(f"{name} (site {self.sites[name]!r}): {reason}"
                                 + ("" if reason.startswith("DataError") else f"\n{trace}"))
             else:
-                self.file_counts[name] = decode_payload(reply.content)["files"]
+                self.runner.file_counts[name] = decode_payload(reply.content)["files"]
         late = [n for n in self.names if n not in answered]
         if late:
             problems.append(f"no setup reply from {', '.join(late)} in {START_TIMEOUT_S:.0f} s")
@@ -236,44 +226,31 @@ class FlowerRunner(Runner):
     def _message(self, name: str, step: str, msg, kw: dict):
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        kind = "query" if step in READ_ONLY or step in self.method.read_only else "train"
+        kind = "query" if step in READ_ONLY or step in self.runner.method.read_only else "train"
         call = ConfigRecord({"step": step, "run": self.run_key, "version": self.version[name]})
         content = RecordDict({"call": call})
         kwr = encode_kw(kw, call)
         if kwr is not None:
             content["kw"] = kwr
-        encode_payload(to_device(self._part(msg, name), "cpu"), content)
+        encode_payload(to_device(for_client(msg, self.names.index(name)), "cpu"), content)
         if kind == "train":
             self.version[name] += 1
         return Message(content, dst_node_id=self.node[name], message_type=kind,
-                       group_id=str(self._round) if self._round >= 0 else "")
-
-    def _lose(self, name: str, reason: str) -> None:
-        """``name`` stopped answering: it sits out the rest of the run, or the run stops if too few remain."""
-        self.lost[name] = reason
-        self.skipped[name] = f"lost: {reason}"
-        left = [n for n in self.names if n not in self.lost]
-        need = self.cfg.train.min_sites or len(self.names)
-        if self.logger is not None:
-            self.logger.log.error(f"{name} ({self.sites[name]}) is lost: {reason}; {len(left)} of {len(self.names)} "
-                                  f"site(s) left (train.min_sites: {need})")
-        if len(left) < need:
-            raise SitesLost(f"{', '.join(self.lost)} lost ({reason}): {len(left)} site(s) left, train.min_sites needs "
-                            f"{need}. The run stops; its last completed round is kept: resume once the sites are back")
+                       group_id=str(self.runner.round) if self.runner.round >= 0 else "")
 
     def _count(self, name: str, step: str, down: int, up: int) -> None:
-        b = self.bytes.get(name)
+        b = self.runner.bytes.get(name)
         if b is None:
             return
         kind = "ctl" if step in PARTY_CALLS else "wire"
         b[f"{kind}_down"] = b.get(f"{kind}_down", 0) + down
         b[f"{kind}_up"] = b.get(f"{kind}_up", 0) + up
 
-    def _exchange(self, names: List[str], step: str, msg, kw: dict):
-        """Send ``step`` to every site of ``names``; yield ``(name, reply or ClientFailure)`` as they come.
-        A site that does not answer within ``train.site_timeout_s``, or whose node Flower reports gone, is
-        lost (:meth:`_lose`) and yields nothing."""
-        names = [n for n in names if n not in self.lost]
+    def calls(self, names: List[str], step: str, msg, kw: dict):
+        """Send ``step`` to every site of ``names`` that is not lost; yield ``(name, reply or ClientFailure)``
+        as they come. A site that does not answer within ``train.site_timeout_s``, or whose node Flower
+        reports gone, is lost (:meth:`fed.core.runner.Runner.lose`) and yields nothing."""
+        names = [n for n in names if n not in self.runner.lost]
         if not names:
             return
         msgs = [self._message(n, step, msg, kw) for n in names]
@@ -290,7 +267,7 @@ class FlowerRunner(Runner):
                 if reply.has_error():
                     self._count(name, step, down, 0)
                     if reply.error.code in LOST_CODES:
-                        self._lose(name, f"Flower error {reply.error.code} on {step!r}: {reply.error.reason}")
+                        self.runner.lose(name, f"Flower error {reply.error.code} on {step!r}: {reply.error.reason}")
                         continue
                     reason, _, trace = reply.error.reason.partition(TRACE)
                     yield name, ClientFailure(name, reason, trace)
@@ -299,7 +276,7 @@ class FlowerRunner(Runner):
                     call = reply.content["call"]
                     self.served[name].add(int(call["pid"]))
                     self.restores[name] += bool(call["restored"])
-                    yield name, to_device(decode_payload(reply.content), self.device)
+                    yield name, to_device(decode_payload(reply.content), self.runner.device)
             if pending and not got:
                 sim = getattr(self, "_sim", None)
                 if sim is not None and not sim.alive():
@@ -308,61 +285,39 @@ class FlowerRunner(Runner):
                 if timeout and time.time() - sent > timeout:
                     late, pending = [n for n, _ in pending.values()], {}
                     for name in late:
-                        self._lose(name, f"no reply to {step!r} in {timeout:g} s")
+                        self.runner.lose(name, f"no reply to {step!r} in {timeout:g} s")
                     break
                 time.sleep(self.poll_s)
 
-    def _calls(self, names: List[str], step: str, msg, kw: dict):
-        failures = []
-        for name, reply in self._exchange(names, step, msg, kw):
-            if isinstance(reply, ClientFailure):
-                failures.append(reply)
-            else:
-                yield name, reply
-        for f in failures:  # once every reply is in: a rollback is a message of its own
-            self._failed(f)
 
-    def _call_one(self, name: str, step: str, msg, kw: dict):
-        for _, reply in self._exchange([name], step, msg, kw):
-            if isinstance(reply, ClientFailure):
-                raise reply
-            return reply
-        raise ClientFailure(name, f"lost: {self.lost.get(name)}")
+class SimulationHost(FlowerHost):
+    """The sites are the nodes of a Flower simulation started here (``--engine flower-sim``)."""
 
-    def _all(self, step: str, **kw) -> Dict[str, object]:
-        """A party call on every site that is not lost (a round's first call: lost sites are skipped)."""
-        for n, reason in self.lost.items():
-            self.skipped.setdefault(n, f"lost: {reason}")
-        out, failures = {}, []
-        for name, reply in self._exchange(list(self.names), step, None, kw):
-            if isinstance(reply, ClientFailure):
-                failures.append(reply)
-            else:
-                out[name] = reply
-        if failures:
-            raise failures[0]
-        return {n: out[n] for n in self.names if n in out}
+    def describe(self, K: int, threads: int) -> str:
+        return (f"Flower simulation: {K} nodes, {self.actors} Ray actor(s) of {threads} torch thread(s), "
+                f"sites' disks in {self.sites_root}")
 
-    # --- the run ----------------------------------------------------------------------------------
-    def run_round(self, rnd: int) -> dict:
-        self._round = rnd
-        return super().run_round(rnd)
-
-    def save_state(self, folder: Path, rnd: int) -> None:
-        """The server's state to ``folder``; each site writes its own to its disk (``<site>/state``)."""
-        self.server_party.save_state(folder, rnd)
-        self._all("save_state", rnd=rnd)
-
-    def load_state(self, folder: Path, rnd: int) -> None:
-        self.server_party.load_state(folder, rnd)
-        self._all("load_state", rnd=rnd)
+    def open_grid(self):
+        """The simulation: write each simulated node's declaration (``node.json``: site, arch, data root)
+        on its disk, start the nodes, return the ServerApp's Grid. (A deployment connects to its
+        SuperLink's Grid instead: the nodes then declare themselves in their node configs.)"""
+        self.sites_root = Path(self.cfg.output.dir) / SITES_DIR
+        for name in self.names:  # what a deployed node's node config declares
+            write_node(self.sites_root / name, self.sites[name], self.archs[name], self.cfg.data.root)
+        gpus = torch.cuda.device_count() if self.runner.device.type == "cuda" else 0
+        self._sim = _Simulation(len(self.names), self.actors, gpus, str(self.sites_root))
+        try:
+            return self._sim.start()
+        except BaseException:
+            self._sim.stop()
+            raise
 
     def close(self) -> None:
         sim = getattr(self, "_sim", None)
         if sim is None:
             return
-        if self.logger is not None and getattr(self, "node", None):
-            self.logger.info("Flower sites: " + "; ".join(
+        if self.runner.logger is not None and self.node:
+            self.runner.logger.info("Flower sites: " + "; ".join(
                 f"{n} served by {len(self.served[n])} process(es), {self.restores[n]} time(s) from its disk"
                 for n in self.names))
         sim.stop()

@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import os
 import traceback
-from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -95,7 +94,7 @@ class Site:
 
     def __init__(self, folder: Path, info: dict):
         from fed.core.registry import METHODS
-        from fed.core.runner import make_party
+        from fed.core.party import make_party
 
         self.folder, self.run, self.persist = folder, info["run"], info["persist"]
         self.threads = int(info["threads"])
@@ -117,8 +116,7 @@ class Site:
     # --- the state within a round, for a process that serves the site's next message ----------------
     def live_state(self) -> dict:
         p = self.party
-        return {"run": self.run, "version": self.version, "party": p.state_dict(),
-                "log_sum": dict(p.log._sum), "log_n": dict(p.log._n), "round_start": p._round_start}
+        return {"run": self.run, "version": self.version, "party": p.state_dict(), "round": p.round_state()}
 
     def write_live(self) -> None:
         atomic_torch_save(self.live_state(), self.folder / LIVE)
@@ -126,8 +124,7 @@ class Site:
     def restore_live(self, state: dict) -> None:
         p = self.party
         p.load_state_dict(state["party"])
-        p.log._sum, p.log._n = dict(state["log_sum"]), defaultdict(int, state["log_n"])
-        p._round_start = state["round_start"]
+        p.load_round_state(state["round"])
         self.version = state["version"]
 
     def prune_states(self, keep=lambda r: True) -> None:
@@ -230,7 +227,7 @@ def _site(folder: Path, run: str, version: int) -> Site:
 def serve(message: Message, context: Context, sites_root: Optional[str] = None) -> Message:
     """Answer one message: run its step on this node's party and reply, or reply with an error
     (``Type: message``, then :data:`TRACE` and the traceback)."""
-    from fed.core.runner import call as call_step, to_device
+    from fed.core.calls import call as call_step, to_device
 
     content = message.content
     call = content["call"]

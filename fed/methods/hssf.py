@@ -141,9 +141,10 @@ class HSSF(Method):
     name = "hssf"
     #: this method's settings, the ``hssf.*`` section of the configuration (docs/configuration.md)
     options = {
-        "confide_theta": Key(4.0, float, "Weight of the Self-Assessment loss.", check=non_negative),
+        "confide_theta": Key(4.0, float, "Weight of the Self-Assessment loss. Every method's supervised pass (the shared harness, `fed/common/hssf_local.py` `supervised_pass`) uses it too: `seg + confide_theta * SA`.",
+                          check=non_negative),
         "kl_theta": Key(10.0, float, "Weight of the KL terms of Condensation and Fusion.", check=non_negative),
-        "unlabel_theta": Key(1.0, float, "Weight of the unlabeled loss.", check=non_negative),
+        "unlabel_theta": Key(1.0, float, "Weight of the unlabeled loss of HSSF's local step (also the local step of `lssl`, `local` and of the heterogeneous baselines with `baselines.local_step: hssf`; the same holds for the local-step keys below).", check=non_negative),
         "temperature": Key(2.0, float, "KL temperature.", check=positive),
         "rpg_threshold": Key(0.3, float, "RPG: flip predictions where SA confidence is below this "
                              "(official `unlabel_threshold`).", check=unit_interval),
