@@ -134,3 +134,21 @@ def test_launcher_command_line(tmp_path):
     (tmp_path / "w" / "run" / "x").write_text("occupied")
     with pytest.raises(RunDirError):
         deploy(_cfg(tmp_path), tmp_path / "w", timeout_s=5)
+
+
+def test_services_run_from_the_python_the_launcher_runs_under(tmp_path):
+    """Started as ``.venv/bin/python -m fed.flower.deploy`` without activating the environment, the
+    services and what they start by name (the SuperLink's ``flower-superexec``) come from that Python's
+    environment: its bin directory leads PATH; the project leads PYTHONPATH; nothing else is lost."""
+    import os
+    import sys
+
+    from fed.flower.deploy import REPO, service_env
+
+    env = service_env(tmp_path, {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/x", "KEEP": "1"})
+    path = env["PATH"].split(os.pathsep)
+    assert path[0] == str(Path(sys.executable).parent) and path[1:] == ["/usr/bin", "/bin"]
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/x"] and env["KEEP"] == "1"
+    assert env["FLWR_HOME"] == str(tmp_path) and env["FLWR_TELEMETRY_ENABLED"] == "0"
+    bindir = Path(sys.executable).parent
+    assert (bindir / "flower-superexec").exists(), "requirements-flower.txt installs flower-superexec beside python"

@@ -309,6 +309,18 @@ def node_config(node: dict) -> str:
     return " ".join(f"{k}='{v}'" for k, v in node.items())
 
 
+def service_env(home: Path, base: Optional[dict] = None) -> dict:
+    """The environment of every Flower service started here: offline, ``FLWR_HOME``, this project first on
+    ``PYTHONPATH`` and the directory of the running Python first on ``PATH``, so that the services and the
+    helpers they start themselves (the SuperLink starts ``flower-superexec`` by name) are those of this
+    Python's environment, activated or not (a scheduler or a service unit runs ``.venv/bin/python``)."""
+    base = dict(os.environ if base is None else base)
+    first = lambda head, key: os.pathsep.join([head] + [p for p in base.get(key, "").split(os.pathsep)  # noqa: E731
+                                                        if p and p != head])
+    return {**base, **OFFLINE_ENV, "FLWR_HOME": str(home), "PYTHONPATH": first(str(REPO), "PYTHONPATH"),
+            "PATH": first(str(Path(sys.executable).parent), "PATH")}
+
+
 def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, on_start=None,
            poll_s: float = 0.5) -> dict:
     """Run ``cfg`` on a loopback deployment in ``workdir``; returns ``status.json`` plus ``pids`` (the
@@ -339,8 +351,7 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
     link = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home),
-           "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    env = service_env(home)
     svc = Services(env, logs)
     bindir = Path(sys.executable).parent
     exe = lambda n: str(bindir / n) if (bindir / n).exists() else n  # noqa: E731
