@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "tests"):  # tests/conftest.py: the tiny federation and the metrics records
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 #: name -> extra overrides; every method once, plus the options that change a method's code path
 VARIANTS = {
@@ -41,7 +42,6 @@ VARIANTS = {
 def fingerprint(name: str, extra, tmp: Path) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import run_records, tiny_overrides
     from fed import load_config
     from fed.core.run import train

@@ -8,6 +8,7 @@ import fed.core.calls
 from conftest import run_tiny
 from fed.core.method import RESERVED, Method, step
 from fed.core.calls import PARTY_CALLS, call, step_name
+from utils.io import snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,8 +88,7 @@ def test_read_only_steps_change_nothing_on_their_party(tmp_path, monkeypatch, va
     def checked(method, party, name, msg, kw):
         if name not in type(method).read_only:
             return real(method, party, name, msg, kw)
-        before = {k: v for k, v in party.state_dict().items()}
-        before = torch.utils._pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, before)
+        before = snapshot(party.state_dict())
         out = real(method, party, name, msg, kw)
         assert _same(before, party.state_dict()), f"{method.name}.{name} changed {party.name}"
         seen.add(name)

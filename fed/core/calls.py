@@ -7,12 +7,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fed.core.method import PARTY_CALLS
 from fed.core.party import Party
-
-
-#: what a runner may ask of any party besides the method's steps
-PARTY_CALLS = ("begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate",
-               "test_weights")
 
 
 def nbytes(msg) -> int:

@@ -63,12 +63,9 @@ class LossLog:
         return {k: float(s) / self._n[k] for k, s in self._sum.items()}
 
 
-#: names a step can not take: the runner's calls on every party (``fed.core.runner.PARTY_CALLS``) and what the
-#: run asks of a method
-RESERVED = frozenset({"begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate",
-                      "test_weights", "run_round", "setup", "warm", "eval_model", "check_config", "steps",
-                      "read_only", "name", "sends", "shared_model", "uses_warmup", "cfg", "options",
-                      "section"})
+#: what a runner may ask of any party besides the method's steps (the same names on every engine's wire)
+PARTY_CALLS = ("begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate",
+               "test_weights")
 
 
 def step(fn=None, *, read_only: bool = False):
@@ -91,6 +88,8 @@ class Method:
     shared_model = False
     #: False when the method ignores ``train.warmup_rounds`` (no round is logged as warm-up).
     uses_warmup = True
+    #: the configuration section of :attr:`options` (None: the method's ``name``)
+    section = None
     #: this method's settings, ``{key: utils.config.Key}``: the configuration section ``section`` (default:
     #: ``name``), added to the schema when the method registers (docs/configuration.md is generated from it)
     options: dict = {}
@@ -140,3 +139,8 @@ class Method:
     def eval_model(self, party) -> nn.Module:
         """The model scored on a client's val/test data (on the client's side)."""
         return party.model
+
+
+#: names a step can not take: the party calls (:data:`PARTY_CALLS`), what the run asks of a method (every
+#: public attribute of :class:`Method`) and the method's settings, ``cfg``
+RESERVED = frozenset(PARTY_CALLS) | {n for n in vars(Method) if not n.startswith("_")} | {"cfg"}

@@ -22,5 +22,5 @@ def register(cls):
     if options:
         from utils.config import add_section
 
-        add_section(cls.__dict__.get("section", name), options)
+        add_section(cls.__dict__.get("section") or name, options)
     return cls

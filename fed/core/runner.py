@@ -38,7 +38,7 @@ from utils.device import Amp, resolve_device
 from utils.metrics import ScoreBook
 
 from fed.core import calls as wire  # wire.call looked up per call (tests wrap it)
-from fed.core.calls import PARTY_CALLS, ClientFailure, call, nbytes, step_name, to_device  # noqa: F401
+from fed.core.calls import ClientFailure, nbytes, step_name
 from fed.core.hosts import InProcessHost, WorkerHost
 from fed.core.method import for_client
 from fed.core.party import Party, make_party
