@@ -2,11 +2,13 @@
 and the bookkeeping of messages (bytes, device)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
 import torch
 
+from fed.core import faults
 from fed.core.method import PARTY_CALLS
 from fed.core.party import Party
 
@@ -49,7 +51,17 @@ def step_name(method, step) -> str:
 
 def call(method, party: Party, step: str, msg, kw: dict):
     """Run the step named ``step`` on ``party``: a method step ``method.step(party, msg, **kw)`` or a
-    party call (:data:`PARTY_CALLS`); any other name is refused."""
+    party call (:data:`PARTY_CALLS`); any other name is refused. Faults set on purpose
+    (:mod:`fed.core.faults`, ``HSSF_FAULTS``) spoil the reply."""
+    reply = _call(method, party, step, msg, kw)
+    if faults.ENV in os.environ and party.name != "server":
+        kind = faults.matching(party.name, step, kw)
+        if kind is not None:
+            reply = faults.spoil(kind, party.name, step, reply)
+    return reply
+
+
+def _call(method, party: Party, step: str, msg, kw: dict):
     if step == "evaluate":  # the method says which model a client scores (lssl: the global one)
         return party.evaluate(method.eval_model(party), **kw)
     if step == "test_weights":  # the final test: the message is the weights to score

@@ -13,6 +13,9 @@ A method is one file with a small class registered in ``fed/__init__.py``::
         @step
         def local(self, party, msg, rnd): ...      # a step: one party, one message in, one reply out
 
+        @step(read_only=True, reply=Fields(logits=Tensor("n<=P C S S")))
+        def predict(self, party, msg, rnd): ...    # a reply declared (fed/core/replies.py): checked on arrival
+
 A step sees only its own :class:`fed.core.party.Party` and the message it was sent; the runner
 (:mod:`fed.core.runner`) carries messages, counts their bytes and times the phases. A protocol names its
 steps as bound methods (an editor follows them); what crosses to another process or site is the step's
@@ -68,12 +71,14 @@ PARTY_CALLS = ("begin_round", "rollback", "end_round", "save_state", "load_state
                "test_weights")
 
 
-def step(fn=None, *, read_only: bool = False):
-    """Mark a method's function as a step (``@step`` or ``@step(read_only=True)``): the runner runs it on
-    a party, ``fn(self, party, msg, **kw)``, and carries its reply. ``read_only``: it changes nothing on
-    its party (no training, no optimizer, scheduler or state change)."""
+def step(fn=None, *, read_only: bool = False, reply=None):
+    """Mark a method's function as a step (``@step`` or ``@step(read_only=True, reply=...)``): the runner
+    runs it on a party, ``fn(self, party, msg, **kw)``, and carries its reply. ``read_only``: it changes
+    nothing on its party (no training, no optimizer, scheduler or state change). ``reply``: what a client's
+    reply must be (a :class:`fed.core.replies.Spec`, or a function of the method instance returning one);
+    without it the reply must be ``None``. The runner refuses a client reply that does not fit."""
     def mark(f):
-        f.__step__ = {"read_only": bool(read_only)}
+        f.__step__ = {"read_only": bool(read_only), "reply": reply}
         return f
     return mark(fn) if fn is not None else mark
 

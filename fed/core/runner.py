@@ -43,6 +43,7 @@ from fed.core.hosts import InProcessHost, WorkerHost
 from fed.core.method import for_client
 from fed.core.party import Party, make_party
 from fed.core.registry import METHODS
+from fed.core.replies import Checker
 
 class Runner:
     """Parties + method, built from a validated config and the resolved file lists; the clients live in
@@ -68,6 +69,8 @@ class Runner:
         self.bytes = {n: {"up": 0, "down": 0} for n in self.names}
         self.times: Dict[str, float] = defaultdict(float)
         self.round = -1  # the round in progress
+        #: every client reply is checked against its step's declaration before it is used
+        self.checker = Checker(self.method, len(self.public), d.size, self.archs, self.file_counts)
         self.host = (host or InProcessHost)(self)
 
     @property
@@ -119,13 +122,23 @@ class Runner:
         every reply is in, each failing client is skipped for the rest of the round under
         ``skip_client`` (its state rolled back), else the first failure is raised."""
         failures = []
-        for name, reply in self.host.calls(names, step, msg, kw):
+        for name, reply in self._checked(names, step, msg, kw):
             if isinstance(reply, ClientFailure):
                 failures.append(reply)
             else:
                 yield name, reply
         for f in failures:
             self._failed(f)
+
+    def _checked(self, names: List[str], step: str, msg, kw: dict):
+        """The host's ``(name, reply)``, each reply checked against ``step``'s declaration
+        (:mod:`fed.core.replies`): one that does not fit becomes that client's failure (``BadReply``)."""
+        for name, reply in self.host.calls(names, step, msg, kw):
+            if not isinstance(reply, ClientFailure):
+                wrong = self.checker.check(name, step, reply, kw)
+                if wrong is not None:
+                    reply = ClientFailure(name, f"BadReply: its reply to {step!r} is refused: {wrong}")
+            yield name, reply
 
     def _failed(self, failure: ClientFailure) -> None:
         if self.cfg.train.fault_tolerance != "skip_client":
@@ -138,7 +151,7 @@ class Runner:
 
     def _call_one(self, name: str, step: str, msg, kw: dict):
         """A party call on one client; its failure is raised."""
-        for _, reply in self.host.calls([name], step, msg, kw):
+        for _, reply in self._checked([name], step, msg, kw):
             if isinstance(reply, ClientFailure):
                 reply.raise_()
             return reply
@@ -150,7 +163,7 @@ class Runner:
         for n, reason in self.lost.items():
             self.skipped.setdefault(n, f"lost: {reason}")
         out, failures = {}, []
-        for name, reply in self.host.calls(list(self.names), step, None, kw):
+        for name, reply in self._checked(list(self.names), step, None, kw):
             if isinstance(reply, ClientFailure):
                 failures.append(reply)
             else:

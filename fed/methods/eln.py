@@ -50,6 +50,7 @@ others. The evaluated model is the global student each client received at the en
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Dict, List, Sequence
 
 import torch
@@ -64,6 +65,7 @@ from utils.config import Key, non_negative, positive, unit_interval
 from fed.common import diag
 from fed.core.registry import register
 from fed.core.method import PerClient, step
+from fed.core.replies import Number, Prefixed, State, module_shapes
 from fed.common.epochs import local_epochs
 from fed.common.weights import clone_state, ema_update, fedavg
 from fed.methods.lssl import LSSL
@@ -189,6 +191,25 @@ def forward_with_feature(forward, model: nn.Module, x: torch.Tensor):
     return out, box["f"]
 
 
+@functools.lru_cache(maxsize=None)
+def _shapes(part: str, arch: str, eln_arch: str, aux: int) -> Dict[str, tuple]:
+    """The state a client of ``arch`` sends of its ``part`` (proj, proj_t, eln, aux), built on the meta device."""
+    if part in ("proj", "proj_t"):
+        return module_shapes(lambda: projection_head(decoder_classifier(networks.build_model(arch))[0].in_channels))
+    if part == "eln":
+        return module_shapes(lambda: ELNet(eln_arch, pretrained=None))
+    return module_shapes(lambda: nn.ModuleList([networks.build_model(arch).classifier for _ in range(aux)]))
+
+
+def _send_weights_reply(m) -> Prefixed:
+    """What ``send_weights`` may carry: the student always; the teacher (and the projection heads, with
+    ``eln.contrastive``), the ELN and its aux decoders where the stage sends them; ``need_eln``."""
+    c = m.cfg.eln
+    part = lambda p: State(of=lambda ctx: _shapes(p, ctx.arch, c.arch, len(c.aux_factors)))  # noqa: E731
+    return Prefixed(student=State(), optional={"teacher": State(), **{p: part(p) for p in ("proj", "proj_t", "eln", "aux")}},
+                    scalars={"need_eln": Number(int, lo=1, hi=1)})
+
+
 def _prefixed(prefix: str, sd: dict) -> dict:
     return {f"{prefix}.{k}": v for k, v in clone_state(sd).items()}
 
@@ -297,7 +318,7 @@ class ELN(LSSL):
         with r.phase("aggregation"):
             r.clients(self.receive, msg, rnd=rnd)
 
-    @step(read_only=True)
+    @step(read_only=True, reply=_send_weights_reply)
     def send_weights(self, client, msg, rnd: int, stage: str, next_stage: str) -> dict:
         x, c = client.extra, self.cfg.eln
         out = _prefixed("student", client.model.state_dict())

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from utils.config import Key, non_negative
 from fed.core.registry import register
 from fed.core.method import Method, PerClient, step
+from fed.core.replies import Fields, Tensor
 from fed.common.baseline_local import hetero_local
 
 C = 2  # labels (and logit channels): background, foreground
@@ -132,7 +133,7 @@ class FedDistill(Method):
             r.clients(self.local, teacher, rnd=rnd, warm=warm)
 
     # --- steps ------------------------------------------------------------------------------------
-    @step(read_only=True)
+    @step(read_only=True, reply=Fields(logits=Tensor("C C", torch.float32), seen=Tensor("C", torch.bool)))
     def class_logits(self, client, msg, rnd: int) -> dict:
         return class_means(client.extra["fd_sum"], client.extra["fd_count"])
 

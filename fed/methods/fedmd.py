@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from utils.config import Key, non_negative
 from fed.core.registry import register
 from fed.core.method import Method, step
+from fed.core.replies import Fields, Tensor
 from fed.common.baseline_local import hetero_local
 from fed.common.public import predict_pass, train_pass
 
@@ -78,7 +79,9 @@ class FedMD(Method):
             r.clients(self.local, rnd=rnd, warm=warm)
 
     # --- steps ------------------------------------------------------------------------------------
-    @step(read_only=True)
+    @step(read_only=True, reply=lambda m: Fields(logits=Tensor(
+        "n<=P C S S", getattr(torch, m.cfg.fedmd.logits_dtype),
+        **({"lo": 0, "hi": 1} if m.cfg.fedmd.average == "probs" else {}))))
     def predict_public(self, client, msg, rnd: int) -> dict:
         m = self.cfg.fedmd
         dtype = getattr(torch, m.logits_dtype)

@@ -43,6 +43,7 @@ from utils.rng import generator
 from utils.config import Key, non_negative, positive
 from fed.core.registry import register
 from fed.core.method import Method, step
+from fed.core.replies import Fields, Maybe, Tensor
 from fed.common.labels import one_hot
 from fed.common.baseline_local import hetero_local
 
@@ -191,7 +192,10 @@ class FedProto(Method):
             r.clients(self.local, glob, rnd=rnd, warm=warm)
 
     # --- steps ------------------------------------------------------------------------------------
-    @step(read_only=True)
+    @step(read_only=True, reply=lambda m: Maybe(Fields(
+        proto=Tensor("C d", torch.float32),
+        **({"count": Tensor("C", torch.int64, lo=0)} if m.cfg.fedproto.weighting == "counts"
+           else {"present": Tensor("C", torch.bool)}))))
     def upload(self, client, msg, rnd: int) -> Optional[dict]:
         """The prototypes of the client's last local epoch (None before any local epoch)."""
         sums, counts = client.extra["fedproto_sum"], client.extra["fedproto_count"]

@@ -41,6 +41,7 @@ from utils.config import Key, non_negative, positive, unit_interval
 from fed.common import diag
 from fed.core.registry import register
 from fed.core.method import Method, PerClient, step
+from fed.core.replies import Fields, OneOf, Tensor
 from fed.common.labels import one_hot, pixel_accuracy
 from fed.common.hssf_local import rpg_correct
 from fed.common.epochs import local_epochs
@@ -136,6 +137,18 @@ def fusion_mask(g0: torch.Tensor, client_acc: torch.Tensor) -> torch.Tensor:
 
 # --- the method -------------------------------------------------------------------------------------
 
+def _sent(m) -> torch.dtype:
+    """The dtype in which the clients send their logits (``hssf.logits_dtype``)."""
+    return getattr(torch, m.cfg.hssf.logits_dtype)
+
+
+def _logits(m, rows: str) -> Tensor:
+    """The logits a client sends: ``rows`` public images, at the input's size, or at the head's own
+    (``hssf.logits_at: head``: at most the input's)."""
+    size = "S S" if m.cfg.hssf.logits_at == "input" else "h<=S w<=S"
+    return Tensor(f"{rows} C {size}", _sent(m))
+
+
 @register
 class HSSF(Method):
     name = "hssf"
@@ -219,18 +232,18 @@ class HSSF(Method):
             else:
                 yield pick + lo, sent[pick], grade[pick]
 
-    @step(read_only=True)
+    @step(read_only=True, reply=lambda m: Fields(logits=_logits(m, "n<=P"), grade=Tensor("n", "float", lo=0, hi=1)))
     def predict_public(self, party, msg, rnd: int, phase: str, epoch: int) -> dict:
         """Logits and grade of every sample of one public pass."""
         _, logits, grades = zip(*self._public_outputs(party, rnd, phase, epoch))
         return {"logits": torch.cat(logits), "grade": torch.cat(grades)}
 
-    @step(read_only=True)
+    @step(read_only=True, reply=Fields(grade=Tensor("n<=P", "float", lo=0, hi=1)))
     def grade_public(self, party, msg, rnd: int, phase: str, epoch: int) -> dict:
         """Grades first: only the grade of every sample of one public pass."""
         return {"grade": torch.cat([g for _, _, g in self._public_outputs(party, rnd, phase, epoch)])}
 
-    @step(read_only=True)
+    @step(read_only=True, reply=lambda m: Fields(logits=OneOf(_logits(m, "r<=P"), Tensor("0", _sent(m)))))
     def teacher_logits(self, party, rows: Optional[torch.Tensor], rnd: int, epoch: int) -> dict:
         """Grades first: the logits of the Condensation pass's ``rows`` (ascending) that the server
         asked for, in that order."""

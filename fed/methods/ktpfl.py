@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from utils.config import Key, non_negative, positive
 from fed.core.registry import register
 from fed.core.method import Method, PerClient, step
+from fed.core.replies import Fields, Tensor
 from fed.common.baseline_local import hetero_local
 from fed.common.public import predict_pass, train_pass
 
@@ -169,7 +170,8 @@ class KTpFL(Method):
             r.clients(self.local, rnd=rnd, warm=warm)
 
     # --- steps ------------------------------------------------------------------------------------
-    @step(read_only=True)
+    @step(read_only=True, reply=lambda m: Fields(soft=Tensor("n<=P C S S", getattr(torch, m.cfg.ktpfl.soft_dtype),
+                                                             lo=0, hi=1)))
     def predict_public(self, client, msg, rnd: int) -> dict:
         k = self.cfg.ktpfl
         dtype = getattr(torch, k.soft_dtype)

@@ -29,6 +29,7 @@ import torch
 
 from fed.core.registry import register
 from fed.core.method import Method, step
+from fed.core.replies import State
 from fed.common.epochs import local_epochs
 from fed.common.weights import clone_state, fedavg
 from fed.common.hssf_local import unlabeled_pass
@@ -66,7 +67,7 @@ class LSSL(Method):
         avg = r.server(self.aggregate, list(replies.values()))  # client order: exact
         r.clients(self.receive, avg, rnd=rnd)
 
-    @step(read_only=True)
+    @step(read_only=True, reply=State())
     def send_weights(self, client, msg, rnd: int, start: bool = False) -> dict:
         return clone_state(client.model.state_dict())
 

@@ -54,6 +54,7 @@ from utils.config import Key, non_negative, positive, unit_interval
 from fed.common import diag
 from fed.core.registry import register
 from fed.core.method import step
+from fed.core.replies import Fields, State
 from fed.common.weights import clone_state, ema_update, fedavg
 from fed.methods.lssl import LSSL
 
@@ -137,7 +138,8 @@ class MeanTeacher(LSSL):
             party.extra["teacher"] = teacher
             party.extra["mt_step"] = 0  # this client's unlabeled steps so far (the ramp's and EMA's clock)
 
-    @step(read_only=True)
+    @step(read_only=True, reply=lambda m: Fields(student=State(), optional={"teacher": State(params_only=True)})
+          if m._teacher_fedavg() else State())
     def send_weights(self, client, msg, rnd: int, start: bool = False) -> dict:
         student = super().send_weights(client, msg, rnd)
         if not self._teacher_fedavg():

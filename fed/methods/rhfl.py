@@ -52,6 +52,7 @@ from utils.rng import clamped_noise, seed_torch
 from utils.config import Key, non_negative, positive
 from fed.core.registry import register
 from fed.core.method import Method, PerClient, step
+from fed.core.replies import Fields, Maybe, Number, Tensor
 from fed.common.labels import one_hot
 from fed.common.baseline_local import confident_labels, hetero_local
 from fed.core.party import PUBLIC
@@ -185,7 +186,7 @@ class RHFL(Method):
         return functools.partial(masked_sce, alpha=h.sce_alpha, beta=h.sce_beta)
 
     # --- CCR --------------------------------------------------------------------------------------
-    @step
+    @step(reply=Maybe(Fields(loss=Number(lo=0, nan=True))))
     @torch.no_grad()
     def ccr_loss(self, client, msg, rnd: int) -> Optional[dict]:
         """Mean SCE per pseudo-labelled pixel over one pass of the client's unlabeled batches, forward
@@ -222,7 +223,7 @@ class RHFL(Method):
     def public_len(self, server, msg) -> int:
         return len(server.loaders["public"])
 
-    @step(read_only=True)  # leaves the party as it was (BatchNorm statistics restored)
+    @step(read_only=True, reply=Fields(p=Tensor("b<=P C S S", torch.float32, lo=0, hi=1)))  # BN statistics restored
     @torch.no_grad()
     def soft_maps(self, client, msg, rnd: int, epoch: int, batch: int) -> dict:
         x, _ = public_batch(client, rnd, COLLAB, epoch, batch)

@@ -56,6 +56,7 @@ from fed.common import diag
 from fed.common.epochs import local_epochs
 from fed.core.registry import register
 from fed.core.method import step
+from fed.core.replies import State
 from utils.losses import IGNORE, masked_ce
 from fed.common.weights import clone_state, fedavg
 from fed.methods.lssl import LSSL
@@ -186,7 +187,7 @@ class SemiFL(LSSL):
         client.model.load_state_dict(weights)  # the client's checkpoints hold the global model too
         client.extra["global"].load_state_dict(weights)
 
-    @step
+    @step(reply=State())
     def local(self, client, msg, rnd: int) -> dict:
         s = self.cfg.semifl
         labeller = client.extra["global"]
