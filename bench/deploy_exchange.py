@@ -8,6 +8,14 @@ and one SuperNode per site, separate processes on 127.0.0.1) and prints the depl
 per site and round after the warm-up, the bytes on the wire (Flower's own message sizes) next to the
 protocol's accounting of the method's payload, and the final test Dice. Default: the tiny synthetic
 federation of the tests (2 sites, 2 rounds, 1 warm-up). Run it on a quiet machine.
+
+    python bench/deploy_exchange.py --speed [--config configs/demo.yaml] [--set ...]
+
+runs one config in this process and on deployments side by side, and prints each one's time per round
+(``metrics.jsonl``), start-up (wall time less the rounds) and wall time: in process; a TLS deployment
+with each site's long-lived process (``fed.flower.sited``, the default); the same with a fresh
+``flwr-clientapp`` process serving every message; an insecure deployment. Default: the demo at 32 px,
+2 rounds (1 warm-up).
 """
 from __future__ import annotations
 
@@ -40,7 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--only", nargs="+", choices=list(SETTINGS), help="run only these settings")
     ap.add_argument("--workdir", help="where the deployments run (default: a temporary folder, removed)")
+    ap.add_argument("--speed", action="store_true", help="time per round in process and on deployments, side by side")
     a = ap.parse_args(argv)
+    if a.speed:
+        return speed(a)
 
     from fed import load_config
     from fed.flower.deploy import deploy
@@ -77,6 +88,63 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['setting']} | {r['wall_s']:.0f} s | {r['wire_up']:,.0f} / {r['wire_down']:,.0f} B "
               f"({r['up']:,.0f} / {r['down']:,.0f} B) | {r['dice']:.2f} |")
+    return 0
+
+
+SPEED_DEFAULT = ["train.rounds=2", "train.warmup_rounds=1", "data.size=32"]
+#: deployment variants of --speed: name -> deploy() arguments
+VARIANTS = {"deployment, TLS, site processes (default)": {},
+            "deployment, TLS, a process per message": {"site_processes": False},
+            "deployment, insecure, site processes": {"insecure": True}}
+
+
+def speed(a) -> int:
+    import time
+
+    from fed import load_config
+    from fed.core.run import train
+    from fed.flower.deploy import deploy
+    from utils.logger import read_metrics
+
+    root = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="deploy_speed_"))
+    config = a.config or str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
+    sets = [*(SPEED_DEFAULT if not a.config else []), *a.overrides, f"data.root={root / 'data'}"]
+    rows = []
+
+    def row(name, work, wall, bytes_key):
+        recs = read_metrics(work)
+        rounds = [r["time_s"] for r in recs]
+        up = [sum(b.get(bytes_key, b["up"]) for b in r["bytes"].values()) for r in recs]
+        res = json.loads((Path(work) / "results.json").read_text())
+        out = {"run": name, "round_s": [round(t, 1) for t in rounds], "startup_s": round(wall - sum(rounds), 1),
+               "wall_s": round(wall, 1), "up_per_round": up, "dice": round(res["test"]["all"]["dice"]["mean"], 2)}
+        print(json.dumps(out), flush=True)
+        rows.append(out)
+
+    try:
+        cfg = load_config(config, [*sets, f"output.dir={root / 'inprocess'}", "device=cpu"])
+        t = time.time()
+        train(cfg, progress=False)
+        row("in process", root / "inprocess", time.time() - t, "up")
+        for name, kw in VARIANTS.items():
+            work = root / f"deploy{len(rows)}"
+            cfg = load_config(config, [*sets, "device=cpu"])
+            out = deploy(cfg, work, timeout_s=3600, **kw)
+            if not out.get("ok") or out.get("remaining"):
+                print(f"{name}: FAILED {out.get('error')} (left running: {out.get('remaining')})", flush=True)
+                continue
+            row(name, work / "run", out["wall_s"], "wire_up")
+    finally:
+        if not a.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    base = sum(rows[0]["round_s"]) / len(rows[0]["round_s"])
+    print("\n| run | time per round (rounds) | x in process | start-up and test | wall | bytes up per round | test Dice |")
+    print("|---|---|---:|---:|---:|---|---:|")
+    for r in rows:
+        mean = sum(r["round_s"]) / len(r["round_s"])
+        print(f"| {r['run']} | {mean:.1f} s ({', '.join(f'{t:.1f}' for t in r['round_s'])}) | {mean / base:.1f}x | "
+              f"{r['startup_s']:.0f} s | {r['wall_s']:.0f} s | {', '.join(f'{b:,}' for b in r['up_per_round'])} | "
+              f"{r['dice']:.2f} |")
     return 0
 
 

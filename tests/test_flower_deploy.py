@@ -6,9 +6,11 @@ bounded by ``deploy(timeout_s=...)``; whatever happens, every process the launch
 descendant it saw) is stopped, which the tests check.
 """
 import json
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("flwr", reason="Flower is not installed: pip install -r requirements-flower.txt")
 
@@ -47,28 +49,104 @@ def _kill_after_round_0(tmp_path, killed):
     return on_start
 
 
+def _lose_and_restart_after_round_0(tmp_path, events):
+    """``on_start`` for :func:`deploy`: once round 0 is in the run's metrics, site 1's machine fails (its
+    SuperNode and its site process killed) and comes back at once: both started again as they were (same
+    key, same folder), the SuperNode again every 2 s while it exits (the SuperLink admits the same key
+    again only once the old connection has timed out, up to a minute), as a service manager would."""
+    import threading
+    import time
+
+    def on_start(svc, status):
+        run = tmp_path / "w" / "run"
+
+        def watch():
+            end = time.time() + 2 * LIMIT_S
+            while time.time() < end and not status.exists():
+                if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip():
+                    break
+                time.sleep(0.2)
+            svc.kill("supernode1")
+            svc.kill("site1")
+            events["lost"] = time.time()
+            svc.restart("site1")
+            node = svc.restart("supernode1")
+            while time.time() < end and not status.exists():
+                if "client1 (B) is back" in (run / "train.log").read_text():
+                    events["back"] = time.time()
+                    return
+                if node.poll() is not None:
+                    events["tries"] = events.get("tries", 1) + 1
+                    node = svc.restart("supernode1")
+                time.sleep(2)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    return on_start
+
+
 @pytest.mark.slow
-def test_a_site_that_dies_is_left_out_and_the_run_goes_on(tmp_path):
-    """SuperNode 1 is killed after round 0; with ``train.min_sites=1`` the server notices within
-    ``train.site_timeout_s``, logs it and finishes round 1 and the run with client0 alone."""
+def test_a_site_that_goes_away_rejoins_and_strangers_and_bad_replies_are_refused(tmp_path, monkeypatch):
+    """One TLS deployment of 4 rounds with ``train.min_sites=1`` and ``skip_client``:
+
+    - a SuperNode claiming to be site A with a key the SuperLink was never given is refused;
+    - site B's machine fails after round 0 and restarts: B is lost in round 1 (the run goes on with site
+      A), taken back at round 2 from its own state of round 0, and takes part in rounds 2-3;
+    - site A sends a reply with a NaN in round 3: refused, site A sits that round out;
+    - checkpoints, test results and every round's validation scores equal the in-process run in which
+      site B's step fails in round 1 and site A sends the same bad reply.
+    """
+    from fed.core import faults
     from fed.flower.deploy import deploy
+    from fed.core.run import train
     from utils.logger import read_metrics
 
-    cfg = _cfg(tmp_path, f"train.site_timeout_s={TIMEOUT_S}", "train.min_sites=1")
-    killed = {}
-    out = deploy(cfg, tmp_path / "w", timeout_s=LIMIT_S, on_start=_kill_after_round_0(tmp_path, killed))
+    from conftest import run_checkpoints
+
+    # the site's messages wait for it longer than it takes to come back: the restarted node answers the
+    # message it missed (it holds nothing of the run: lost at once) and is found again at round 2
+    extra = ("train.site_timeout_s=150", "train.min_sites=1", "train.fault_tolerance=skip_client", "train.rounds=4")
+    bad = {"client": "client0", "step": "predict_public", "rounds": [3], "kind": "nan"}
+    monkeypatch.setenv(faults.ENV, json.dumps([bad]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server's process as the sites' (one torch thread): bit for bit
+    cfg = _cfg(tmp_path, *extra)
+    events = {}
+    out = deploy(cfg, tmp_path / "w", timeout_s=2 * LIMIT_S, intruders=1,
+                 on_start=_lose_and_restart_after_round_0(tmp_path, events))
     assert out["remaining"] == [], f"processes left running: {out['remaining']}"
-    assert "at" in killed
     assert out["ok"], out.get("error", "") + "\n" + out.get("trace", "")
+    assert out["transport"] == "tls" and "back" in events
     run = tmp_path / "w" / "run"
-    recs = read_metrics(run)
-    assert [r["round"] for r in recs] == [0, 1]
-    assert recs[0]["skipped"] == {} and list(recs[1]["skipped"]) == ["client1"]
-    assert recs[1]["skipped"]["client1"].startswith("lost: ")
-    assert "client1" not in recs[1]["val"] and "client0" in recs[1]["val"]
     log = (run / "train.log").read_text()
-    assert "client1 (B) is lost" in log and "1 of 2 site(s) left" in log
-    assert json.loads((run / "results.json").read_text())["rounds"] == 2
+    assert "Flower deployment (TLS, only registered SuperNode keys admitted): 2 SuperNodes" in log
+    intruder = (tmp_path / "w" / "flower" / "logs" / "intruder0.log").read_text()
+    assert "Failed to activate SuperNode" in intruder  # its key was never registered
+    recs = read_metrics(run)
+    assert [r["round"] for r in recs] == [0, 1, 2, 3]
+    assert recs[0]["skipped"] == {} and recs[2]["skipped"] == {}
+    assert list(recs[1]["skipped"]) == ["client1"] and recs[1]["skipped"]["client1"].startswith("lost: ")
+    assert recs[2]["rejoined"] == {"client1": {"missed": [1], "resumed_from": 0}}
+    assert "client1 (B) is back: it resumes from its own state of round 0, having missed round(s) 1" in log
+    assert list(recs[3]["skipped"]) == ["client0"] and recs[3]["skipped"]["client0"].startswith("BadReply")
+    assert "client1" in recs[2]["val"] and "client1" in recs[3]["val"] and "client1" not in recs[1]["val"]
+
+    # the same run in one process: site B's step fails in round 1 (it sits the round out, rolled back to
+    # its state of round 0), site A's bad reply in round 3
+    monkeypatch.setenv(faults.ENV, json.dumps([bad, {"client": "client1", "step": "predict_public", "rounds": [1],
+                                                      "kind": "raise"}]))
+    here = load_config(None, tiny_overrides(tmp_path, "here", "train.condensation_epochs=1", "train.fusion_epochs=1",
+                                            "train.worker_threads=1", *extra))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = train(here, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    deployed = json.loads((run / "results.json").read_text())
+    assert deployed["test"] == json.loads(json.dumps(res["test"]))
+    assert [r["val"] for r in recs] == [r["val"] for r in read_metrics(here.output.dir)]
+    a, b = run_checkpoints(here), {p.name: torch.load(p, weights_only=True) for p in sorted((run / "checkpoints").glob("*.pth"))}
+    assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
 
 
 @pytest.mark.slow

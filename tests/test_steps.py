@@ -36,7 +36,7 @@ def test_an_unmarked_override_of_a_step_is_refused():
         def ask(self, party, msg):
             return 3
 
-    assert A.read_only == {"ask"} and C.steps == {"ask": {"read_only": False}} and C.read_only == frozenset()
+    assert A.read_only == {"ask"} and C.steps == {"ask": {"read_only": False, "reply": None}} and C.read_only == frozenset()
 
 
 def test_read_only_is_derived_from_the_marks():

@@ -45,6 +45,12 @@ class ClientHost:
         reach (a lost site) yields nothing (the host tells the runner: :meth:`~fed.core.runner.Runner.lose`)."""
         raise NotImplementedError
 
+    def recover(self, names: List[str]) -> List[str]:
+        """Of the lost clients ``names``, those that can be reached again, set up for this run (their
+        party as built from the config); the runner then loads each one's own last saved state. Clients
+        in this process are never lost: none."""
+        return []
+
     def state_kw(self, folder: Path, rnd: int) -> dict:
         """The arguments of a client's ``save_state``/``load_state`` call for round ``rnd``."""
         return {"folder": folder, "rnd": rnd}

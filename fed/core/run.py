@@ -185,7 +185,7 @@ class Run:
                    dynamic_ncols=True)
         for done, rnd in enumerate(bar, 1):
             record = self.round(rnd)
-            bar.set_postfix(val_dice=f"{record['val']['all']['dice']:.3f}")
+            bar.set_postfix(val_dice=f"{record['val']['all'].get('dice', float('nan')):.3f}")
             if stop_after is not None and done >= stop_after and rnd < R - 1:
                 self.logger.info(f"stopping after round {rnd} as asked (resume with --resume {self.dir})")
                 return {"stopped_after": rnd}
@@ -240,6 +240,8 @@ class Run:
         eval_s = time.perf_counter() - te
         write_s = self.writer.commit(rnd, {"best": self.best, "config": self.settings})
         record["skipped"] = out["skipped"]
+        if out.get("rejoined"):
+            record["rejoined"] = out["rejoined"]
         record["bytes"] = out["bytes"]
         record["phase_s"] = {**out["phase_s"], "evaluation": round(eval_s, 3), "state_writing": round(write_s, 3)}
         if self.startup:
@@ -255,7 +257,8 @@ class Run:
         client whose own validation Dice improves. Those are scored on their test split at once. The
         server's checkpoint follows the pooled validation Dice. Returns ``{"improved", "test_at_best"}``."""
         runner, best = self.runner, self.best
-        shared, pooled = runner.method.shared_model, val["all"]["dice"] > best["all"]["dice"]
+        # a round in which no site was scored (every one skipped or lost) improves nothing
+        shared, pooled = runner.method.shared_model, val["all"].get("dice", -1.0) > best["all"]["dice"]
         if shared:
             chosen = [n for n in runner.names if n not in runner.lost] if pooled else []
         else:
@@ -326,8 +329,9 @@ def _round_line(rec: dict, runner: Runner) -> str:
     up = sum(b["up"] for b in rec["bytes"].values())
     down = sum(b["down"] for b in rec["bytes"].values())
     parts = [f"round {rec['round']}{' (warm-up)' if rec['warmup'] else ''} {rec['time_s']:.1f}s",
+             *([f"rejoined: {', '.join(rec['rejoined'])}"] if rec.get("rejoined") else []),
              "val Dice " + " ".join(f"{k}:{v[n]['dice']:.3f}" for k, n in enumerate(runner.names) if n in v),
-             f"all:{v['all']['dice']:.3f}"]
+             f"all:{v['all']['dice']:.3f}" if "dice" in v["all"] else "all: no site scored"]
     if up or down:
         parts.append(f"clients sent {_mb(up)}, received {_mb(down)}")
     parts.append(" ".join(f"{k} {v:.1f}s" for k, v in rec["phase_s"].items()))

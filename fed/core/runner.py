@@ -62,6 +62,9 @@ class Runner:
         self.sites = {f"client{k}": s for k, s in enumerate(d.clients)}
         self.archs = {f"client{k}": a for k, a in enumerate(cfg.models.clients)}
         self.lost: Dict[str, str] = {}  # sites that stopped answering (Flower engines), with the reason
+        self.lost_at: Dict[str, int] = {}  # the round in which each lost site was lost
+        self.saved: Dict[str, int] = {}  # each client's last round whose state it wrote (where it resumes after a loss)
+        self.state_folder: Optional[Path] = None
         #: each client's number of files per split (a Flower site reports its own when it is set up)
         self.file_counts: Dict[str, Dict[str, int]] = {
             n: {key: len(v) for key, v in items.items()} for n, items in zip(self.names, data.clients) if items is not None}
@@ -176,6 +179,7 @@ class Runner:
         """``name`` stopped answering (a host says so): it sits out the rest of the run, or the run stops
         if fewer than ``train.min_sites`` sites remain."""
         self.lost[name] = reason
+        self.lost_at.setdefault(name, self.round)
         self.skipped[name] = f"lost: {reason}"
         left = [n for n in self.names if n not in self.lost]
         need = self.cfg.train.min_sites or len(self.names)
@@ -194,6 +198,7 @@ class Runner:
         self.skipped = {}
         self.bytes = {n: {"up": 0, "down": 0} for n in self.names}
         self.times = defaultdict(float)
+        rejoined = self.rejoin(rnd)
         self.server_party.begin_round(keep=False)
         self._all("begin_round", keep=keep)
         self.method.run_round(self, rnd)
@@ -201,7 +206,32 @@ class Runner:
         return {"loss": {n: e["loss"] for n, e in ends.items() if e["loss"] and n not in self.skipped},
                 "lr": {n: e["lr"] for n, e in ends.items()},
                 "skipped": dict(self.skipped), "bytes": self.bytes,
-                "phase_s": {k: round(v, 3) for k, v in self.times.items()}}
+                "phase_s": {k: round(v, 3) for k, v in self.times.items()},
+                **({"rejoined": rejoined} if rejoined else {})}
+
+    def rejoin(self, rnd: int) -> Dict[str, dict]:
+        """Before round ``rnd``: lost sites that are back (the host finds them and sets them up again) resume
+        from their own last saved state and take part from this round on. ``{name: {"missed": [rounds],
+        "resumed_from": round or None}}``."""
+        if not self.lost:
+            return {}
+        out = {}
+        for name in self.host.recover(list(self.lost)):
+            reason, since = self.lost.pop(name), self.lost_at.pop(name)
+            saved = self.saved.get(name)
+            try:
+                if saved is not None and self.state_folder is not None:
+                    self._call_one(name, "load_state", None, self.host.state_kw(self.state_folder, saved))
+            except ClientFailure as e:
+                self.lost[name], self.lost_at[name] = f"{reason}; back, but its state of round {saved} could not be " \
+                                                      f"loaded: {e.reason}", since
+                continue
+            out[name] = {"missed": list(range(since, rnd)), "resumed_from": saved}
+            if self.logger is not None:
+                self.logger.info(f"{name} ({self.sites[name]}) is back: it resumes from its own state of "
+                                 f"{'round ' + str(saved) if saved is not None else 'the start'}, having missed "
+                                 f"round(s) {', '.join(map(str, out[name]['missed']))}")
+        return out
 
     def evaluate(self, split: str, names: Optional[List[str]] = None) -> ScoreBook:
         """Score each client's evaluation model on its ``split``."""
@@ -237,11 +267,15 @@ class Runner:
         """Every party writes its own state file, where it lives (a worker writes its clients', a site to
         its own disk)."""
         self.server_party.save_state(folder, rnd)
-        self._all("save_state", **self.host.state_kw(folder, rnd))
+        self.state_folder = folder
+        for n in self._all("save_state", **self.host.state_kw(folder, rnd)):
+            self.saved[n] = rnd
 
     def load_state(self, folder: Path, rnd: int) -> None:
         self.server_party.load_state(folder, rnd)
-        self._all("load_state", **self.host.state_kw(folder, rnd))
+        self.state_folder = folder
+        for n in self._all("load_state", **self.host.state_kw(folder, rnd)):
+            self.saved[n] = rnd
 
     def close(self) -> None:
         self.host.close()

@@ -46,6 +46,7 @@ from typing import Dict, List, Optional
 from . import engine as _engine  # noqa: F401  (sets Flower's offline environment first)
 from .engine import FlowerHost
 from .site import make_client_app
+from .sited import INFO as SITED_INFO, KEY as SITED_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 APP_DIR = REPO / "flower_app"
@@ -53,6 +54,8 @@ STATUS = "status.json"
 NODE_WAIT_S = 120.0
 #: environment of every Flower process started here: offline, and this project importable
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+               # the SuperExecs look for new work every 0.1 s instead of every 1 s (Flower's default)
+               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 # --- the ServerApp side ------------------------------------------------------------------------------
@@ -65,6 +68,7 @@ class DeployedHost(FlowerHost):
     #: verifies its own files when it is set up
     reads_client_data = False
     grid = None  # set by grid_host
+    transport = "unknown"  # "tls" or "insecure": what the launcher started (grid_host)
 
     def open_grid(self):
         grid = type(self).grid
@@ -80,15 +84,18 @@ class DeployedHost(FlowerHost):
         return grid
 
     def describe(self, K: int, threads: int) -> str:
-        return (f"Flower deployment: {K} SuperNodes on the SuperLink, sites' processes of {threads} torch "
+        how = {"tls": "TLS, only registered SuperNode keys admitted",
+               "insecure": "INSECURE: no TLS, no SuperNode authentication (--insecure)"}.get(self.transport,
+                                                                                        "transport not stated")
+        return (f"Flower deployment ({how}): {K} SuperNodes on the SuperLink, sites' processes of {threads} torch "
                 f"thread(s), each site's disk its node's site-dir")
 
 
 
-def grid_host(grid) -> type:
+def grid_host(grid, transport: str = "unknown") -> type:
     """The host class whose clients are the SuperNodes on ``grid`` (what the ServerApp's ``main`` was
-    given): ``train(cfg, engine=grid_host(grid))``."""
-    return type("DeployedHostOnGrid", (DeployedHost,), {"grid": grid})
+    given): ``train(cfg, engine=grid_host(grid))``; ``transport`` ("tls", "insecure") goes into the log."""
+    return type("DeployedHostOnGrid", (DeployedHost,), {"grid": grid, "transport": transport})
 
 
 def _server_main(grid, context) -> None:
@@ -104,7 +111,8 @@ def _server_main(grid, context) -> None:
             cfg = load_config(run / "config.yaml", extra={"output": {"dir": str(run)}})
         else:
             cfg = load_config(cfg_path)
-        results = train(cfg, resume=bool(rc.get("resume", False)), progress=False, engine=grid_host(grid))
+        host = grid_host(grid, str(rc.get("transport", "unknown")))
+        results = train(cfg, resume=bool(rc.get("resume", False)), progress=False, engine=host)
         out = {"ok": True, "results": results}
     except BaseException as e:  # noqa: BLE001 - reported to the launcher through status.json
         out = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
@@ -155,10 +163,12 @@ class Services:
         self.procs: List[subprocess.Popen] = []
         self.names: Dict[int, str] = {}
         self.seen: Dict[int, str] = {}  # pid -> start time, every process started here or below
+        self.argv: Dict[str, List[str]] = {}  # what each service was started with (restart)
         self.lock = threading.RLock()  # a test may kill a site from another thread
 
     def start(self, name: str, argv: List[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
+        self.argv[name] = list(argv)
+        log = open(self.logs / f"{name}.log", "ab")
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(REPO),
                              start_new_session=True)
         log.close()
@@ -201,20 +211,25 @@ class Services:
         return out
 
     def pids(self) -> Dict[str, int]:
-        return {self.names[p.pid]: p.pid for p in self.procs}
+        return {self.names[p.pid]: p.pid for p in self.procs}  # each service's latest start
 
     def dead(self) -> List[str]:
-        return [f"{self.names[p.pid]} (exit {p.returncode})" for p in self.procs if p.poll() is not None]
+        latest = {self.names[p.pid]: p for p in self.procs}
+        return [f"{n} (exit {p.returncode})" for n, p in latest.items() if p.poll() is not None]
 
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
         """Kill one service and its descendants (as a site that dies would)."""
         self.track()
-        p = next(p for p in self.procs if self.names[p.pid] == name)
+        p = [p for p in self.procs if self.names[p.pid] == name][-1]  # its latest start
         below = [q for q in self.remaining() if self._below(q, p.pid)]
         _signal_group(p.pid, sig)
         for q in below:
             _signal_pid(q, sig)
         p.wait(timeout=30)
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start a service again, as it was started (a site that comes back)."""
+        return self.start(name, self.argv[name])
 
     def _below(self, pid: int, root: int) -> bool:
         while pid not in (0, 1):
@@ -322,10 +337,20 @@ def service_env(home: Path, base: Optional[dict] = None) -> dict:
 
 
 def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, on_start=None,
-           poll_s: float = 0.5) -> dict:
+           poll_s: float = 0.5, insecure: bool = False, intruders: int = 0, site_processes: bool = True) -> dict:
     """Run ``cfg`` on a loopback deployment in ``workdir``; returns ``status.json`` plus ``pids`` (the
-    services started) and ``wall_s``. ``on_start(services, status_path)`` is called once ``flwr run``
-    has submitted the run (tests use it to kill a site). Every started process is stopped on return."""
+    services started), ``transport`` and ``wall_s``. ``on_start(services, status_path)`` is called once
+    ``flwr run`` has submitted the run (tests use it to kill a site). Every started process is stopped
+    on return.
+
+    By default every connection is TLS (a private CA and a certificate for 127.0.0.1 made for this
+    deployment, :func:`fed.flower.tls.make_tls`) and only the sites' SuperNodes may join: each gets a
+    fresh key pair, whose public key is registered with the SuperLink (``--enable-supernode-auth``)
+    before the SuperNode starts. ``insecure``: plain connections, any node may join (said in the log).
+    ``intruders``: as many extra SuperNodes that claim to be site 0 with keys the SuperLink was never
+    given (a test of the authentication: they are refused). ``site_processes``: start each site's
+    long-lived process (:mod:`fed.flower.sited`), which keeps its party loaded between messages; without
+    it every message is served by the ``flwr-clientapp`` process Flower starts for it."""
     import yaml
 
     t0 = time.time()
@@ -349,22 +374,51 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
     home = fl / "home"
     home.mkdir(exist_ok=True)
     link = free_port()
+    transport = "insecure" if insecure else "tls"
+    secure = _secure_material(fl, len(nodes), intruders) if not insecure else None
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
+        + ('insecure = true\n' if insecure else f'root-certificates = "{secure["tls"]["ca"]}"\n'))
+    (logs / "launcher.log").write_text(
+        "INSECURE deployment (--insecure): no TLS, no node authentication; any process that reaches the "
+        "SuperLink's port may join as a site\n" if insecure else
+        f"TLS deployment: private CA {secure['tls']['ca']} (made for this deployment), {len(nodes)} site key(s) "
+        f"registered, SuperNode authentication on\n")
+    if insecure:
+        print(f"WARNING: insecure deployment (no TLS, no node authentication) in {workdir}", file=sys.stderr)
     env = service_env(home)
     svc = Services(env, logs)
     bindir = Path(sys.executable).parent
     exe = lambda n: str(bindir / n) if (bindir / n).exists() else n  # noqa: E731
     out: dict = {}
     try:
-        svc.start("superlink", [exe("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)])
+        if insecure:
+            svc.start("superlink", [exe("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)])
+        else:
+            t = secure["tls"]
+            svc.start("superlink", [exe("flower-superlink"), "--ssl-ca-certfile", str(t["ca"]), "--ssl-certfile",
+                                    str(t["cert"]), "--ssl-keyfile", str(t["key"]), "--enable-supernode-auth",
+                                    "--host", "127.0.0.1", "--port", str(link)])
         _wait_port(link, svc, 60)
+        if not insecure:
+            out["node_ids"] = [_register(exe, env, secure["nodes"][k]["public"], logs) for k in range(len(nodes))]
+        for k, node in enumerate(nodes):  # each site's long-lived process, which keeps its party loaded
+            if site_processes:
+                for f in (SITED_INFO, SITED_KEY):  # an earlier deployment's
+                    (Path(node["site-dir"]) / f).unlink(missing_ok=True)
+                svc.start(f"site{k}", [sys.executable, "-m", "fed.flower.sited", "--site-dir", node["site-dir"]])
         for k, node in enumerate(nodes):
-            svc.start(f"supernode{k}", [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                                        "--host", "127.0.0.1", "--port", str(free_port()),
-                                        "--node-config", node_config(node)])
+            if site_processes:
+                _wait_file(Path(node["site-dir"]) / SITED_INFO, svc, 120)
+            svc.start(f"supernode{k}", [exe("flower-supernode"), *_node_security(secure, k, transport),
+                                        "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1",
+                                        "--port", str(free_port()), "--node-config", node_config(node)])
+        for i in range(intruders):  # claims to be site 0, with a key the SuperLink was never given
+            svc.start(f"intruder{i}", [exe("flower-supernode"), *_node_security(secure, len(nodes) + i, transport),
+                                       "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1",
+                                       "--port", str(free_port()), "--node-config", node_config(nodes[0])])
         cmd = [exe("flwr"), "run", str(APP_DIR), "loopback", "--run-config",
-               f'config="{cfg_path}" resume={"true" if resume else "false"}']
+               f'config="{cfg_path}" resume={"true" if resume else "false"} transport="{transport}"']
         sub = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
         (logs / "flwr-run.log").write_text(sub.stdout + sub.stderr)
         if sub.returncode != 0:
@@ -391,8 +445,58 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
             (run / "deploy").mkdir(exist_ok=True)
             for f in logs.glob("*.log"):
                 (run / "deploy" / f.name).write_bytes(f.read_bytes())
+    out["transport"] = transport
     out["wall_s"] = round(time.time() - t0, 1)
     return out
+
+
+def _secure_material(fl: Path, sites: int, intruders: int) -> dict:
+    """This deployment's CA and SuperLink certificate, and a key pair per SuperNode (intruders last):
+    all made now, in ``W/flower/secrets`` (replacing any earlier deployment's)."""
+    import shutil
+
+    from .tls import make_node_key, make_tls
+
+    folder = fl / "secrets"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o700)
+    return {"tls": make_tls(folder / "tls"),
+            "nodes": [make_node_key(folder / "keys", f"site{k}" if k < sites else f"intruder{k - sites}")
+                      for k in range(sites + intruders)]}
+
+
+def _node_security(secure: Optional[dict], k: int, transport: str) -> List[str]:
+    if transport == "insecure":
+        return ["--insecure"]
+    return ["--root-certificates", str(secure["tls"]["ca"]), "--auth-supernode-private-key",
+            str(secure["nodes"][k]["private"])]
+
+
+def _register(exe, env: dict, public: Path, logs: Path) -> int:
+    """Register a SuperNode's public key with the SuperLink (``flwr supernode register``); its node id."""
+    sub = subprocess.run([exe("flwr"), "supernode", "register", str(public), "loopback", "--format", "json"],
+                         env=env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    with open(logs / "register.log", "a") as f:
+        f.write(sub.stdout + sub.stderr)
+    try:
+        got = json.loads(sub.stdout[sub.stdout.index("{"):])
+    except ValueError:
+        got = {}
+    if sub.returncode != 0 or not got.get("success"):  # --format json exits 0 on failure: read "success"
+        raise RuntimeError(f"flwr supernode register {public} failed ({sub.returncode}): "
+                           f"{got.get('error-message') or (sub.stdout + sub.stderr)[-2000:]}")
+    return int(got["node-id"])
+
+
+def _wait_file(path: Path, svc: Services, timeout_s: float) -> None:
+    end = time.time() + timeout_s
+    while not path.exists():
+        if time.time() > end:
+            raise TimeoutError(f"{path} did not appear in {timeout_s:.0f} s")
+        dead = [d for d in svc.dead() if not d.startswith("intruder")]
+        if dead:
+            raise RuntimeError(f"a service stopped while starting: {dead}")
+        time.sleep(0.2)
 
 
 def _wait_port(port: int, svc: Services, timeout_s: float) -> None:
@@ -420,6 +524,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--resume", action="store_true", help="continue the run in W/run")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before everything is stopped")
+    ap.add_argument("--insecure", action="store_true",
+                    help="no TLS and no SuperNode authentication (default: TLS with a private CA made for this "
+                         "deployment, and only the sites' registered keys may join)")
     a = ap.parse_args(argv)
     if a.resume and (a.overrides or a.config):
         ap.error("--resume continues W/run with its saved config: no --config or --set")
@@ -428,7 +535,7 @@ def main(argv=None) -> int:
         cfg = load_config(workdir / "flower" / "config.yaml", a.overrides)
     else:
         cfg = load_config(a.config or str(REPO / "configs" / "demo.yaml"), a.overrides)
-    out = deploy(cfg, workdir, timeout_s=a.timeout, resume=a.resume)
+    out = deploy(cfg, workdir, timeout_s=a.timeout, resume=a.resume, insecure=a.insecure)
     print(json.dumps({k: v for k, v in out.items() if k != "results"}, indent=1, default=str))
     return 0 if out.get("ok") else 1
 

@@ -49,8 +49,10 @@ SITES_DIR = "sites"  # <run>/sites/<client>: the simulated sites' disks
 #: every other step is "train"
 READ_ONLY = {"evaluate", "weights", "end_round", "save_state", "test_weights"}
 START_TIMEOUT_S = 600.0
-#: Flower's error codes that mean the site is gone (its node is down, or its reply will never come)
-LOST_CODES = (5, 4)  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE
+RECOVER_TIMEOUT_S = 30.0  # how long a node that may be a lost site is given to answer, without train.site_timeout_s
+#: Flower's error codes that mean the site is gone (its node is down, its reply will never come, or the
+#: process serving the message died: killed, out of memory)
+LOST_CODES = (5, 4, 8)  # flwr.common.constant.ErrorCode: NODE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, CLIENT_APP_CRASHED
 
 
 
@@ -156,22 +158,20 @@ class FlowerHost(ClientHost):
     def state_kw(self, folder: Path, rnd: int) -> dict:
         """A site writes and reads its state on its own disk (``<site>/state``): only the round crosses."""
         return {"rnd": rnd}
-    def _setup(self, threads: int) -> None:
-        """``hello``: every node says which site it is and its architecture; then ``setup``: each gets the
-        run's settings, its client name and index and its part of the split (the names of its own files
-        and of the public set), resolves them in its own data root, verifies them where this process has
-        not, and answers its number of files per split. Every problem of every node is reported at once."""
+    def _send(self, node_calls: dict, kind: str, timeout: float = START_TIMEOUT_S) -> list:
+        """``{node: call}`` as messages of Flower type ``kind``; the replies that came within ``timeout``."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        def send(node_calls: dict, kind: str):
-            msgs = [Message(RecordDict({"call": ConfigRecord(c)}), dst_node_id=n, message_type=kind)
-                    for n, c in node_calls.items()]
-            return list(self.grid.send_and_receive(msgs, timeout=START_TIMEOUT_S))
+        msgs = [Message(RecordDict({"call": ConfigRecord(c)}), dst_node_id=n, message_type=kind)
+                for n, c in node_calls.items()]
+        return list(self.grid.send_and_receive(msgs, timeout=timeout))
 
-        nodes = list(self.grid.get_node_ids())
-        problems = []
+    def _hello(self, nodes, names, problems: list, timeout: float = START_TIMEOUT_S) -> Dict[str, int]:
+        """Ask ``nodes`` who they are; ``{client name: node}`` of those that are one of ``names`` (every
+        other answer is a problem, listed)."""
+        found: Dict[str, int] = {}
         client = {s: n for n, s in self.sites.items()}
-        for reply in send({n: {"step": HELLO, "run": self.run_key, "version": 0} for n in nodes}, "query"):
+        for reply in self._send({n: {"step": HELLO, "run": self.run_key, "version": 0} for n in nodes}, "query", timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 problems.append(f"node {node}: {reply.error.reason.partition(TRACE)[0]}")
@@ -181,46 +181,84 @@ class FlowerHost(ClientHost):
             if name is None:
                 problems.append(f"node {node} is site {who['site']!r}, which is not one of the run's data.clients "
                                 f"({', '.join(map(repr, client))})")
-            elif name in self.node:
-                problems.append(f"nodes {self.node[name]} and {node} both say they are site {who['site']!r}")
+            elif name not in names:
+                problems.append(f"node {node} says it is site {who['site']!r} ({name}), which node {self.node.get(name)} is")
+            elif name in found:
+                problems.append(f"nodes {found[name]} and {node} both say they are site {who['site']!r}")
             elif who["arch"] != self.archs[name]:
                 problems.append(f"node {node} (site {who['site']!r}, {name}) runs arch {who['arch']!r} but the run's "
                                 f"models.clients gives {self.archs[name]!r}: make the site's node config and the "
                                 f"run's config agree")
             else:
-                self.node[name] = node
-        missing = [f"{n} (site {self.sites[n]!r})" for n in self.names if n not in self.node]
-        if missing:
-            problems.append(f"no node is {', '.join(missing)}")
-        if problems:
-            raise RuntimeError("Flower setup failed: " + "; ".join(problems))
+                found[name] = node
+        return found
 
+    def _setup_sites(self, nodes: Dict[str, int], problems: list, timeout: float = START_TIMEOUT_S) -> List[str]:
+        """``setup`` to each client's node: the run's settings, its name and index and its part of the
+        split; the clients whose site answered with its file counts."""
         split = json.loads(Path(self.runner.data.split_path).read_text())
         public = self.cfg.data.public
         base = {"step": SETUP, "run": self.run_key, "version": 0, "settings": json.dumps(self.cfg.settings()),
-                "device": "cuda" if self.runner.device.type == "cuda" else str(self.runner.device), "threads": threads,
-                "persist": self.persist}
-        calls = {self.node[n]: {**base, "name": n, "index": k,
-                                "split": json.dumps({public: split[public], self.sites[n]: split[self.sites[n]]}),
-                                # the data this process read is verified already (one machine: the simulation)
-                                "verify": bool(self.cfg.data.verify and self.runner.data.clients[k] is None)}
-                 for k, n in enumerate(self.names)}
-        by_node = {v: n for n, v in self.node.items()}
-        answered = set()
-        for reply in send(calls, "train"):
+                "device": "cuda" if self.runner.device.type == "cuda" else str(self.runner.device),
+                "threads": self.threads, "persist": self.persist}
+        calls = {node: {**base, "name": n, "index": self.names.index(n),
+                        "split": json.dumps({public: split[public], self.sites[n]: split[self.sites[n]]}),
+                        # the data this process read is verified already (one machine: the simulation)
+                        "verify": bool(self.cfg.data.verify and self.runner.data.clients[self.names.index(n)] is None)}
+                 for n, node in nodes.items()}
+        by_node = {v: n for n, v in nodes.items()}
+        done = []
+        for reply in self._send(calls, "train", timeout):
             name = by_node[reply.metadata.src_node_id]
-            answered.add(name)
             if reply.has_error():  # bad data: the problems; anything else: with the site's traceback
                 reason, _, trace = reply.error.reason.partition(TRACE)
                 problems.append(f"{name} (site {self.sites[name]!r}): {reason}"
                                 + ("" if reason.startswith("DataError") else f"\n{trace}"))
             else:
                 self.runner.file_counts[name] = decode_payload(reply.content)["files"]
-        late = [n for n in self.names if n not in answered]
+                self.version[name] = 0  # a site that is set up holds its party as built from the config
+                done.append(name)
+        late = [n for n in nodes if n not in done and not any(p.startswith(f"{n} ") for p in problems)]
         if late:
-            problems.append(f"no setup reply from {', '.join(late)} in {START_TIMEOUT_S:.0f} s")
+            problems.append(f"no setup reply from {', '.join(late)} in {timeout:.0f} s")
+        return done
+
+    def _setup(self, threads: int) -> None:
+        """``hello``: every node says which site it is and its architecture; then ``setup``: each gets the
+        run's settings, its client name and index and its part of the split (the names of its own files
+        and of the public set), resolves them in its own data root, verifies them where this process has
+        not, and answers its number of files per split. Every problem of every node is reported at once."""
+        self.threads = threads
+        problems: list = []
+        self.node.update(self._hello(list(self.grid.get_node_ids()), self.names, problems))
+        missing = [f"{n} (site {self.sites[n]!r})" for n in self.names if n not in self.node]
+        if missing:
+            problems.append(f"no node is {', '.join(missing)}")
         if problems:
             raise RuntimeError("Flower setup failed: " + "; ".join(problems))
+        self._setup_sites(dict(self.node), problems)
+        if problems:
+            raise RuntimeError("Flower setup failed: " + "; ".join(problems))
+
+    def recover(self, names: List[str]) -> List[str]:
+        """Lost sites that are back: every node on the grid that no site in the run holds is asked who it
+        is (``hello``); each that is one of ``names`` (a lost site, same site name and architecture) is
+        set up again for this run. Nodes that do not answer within ``train.site_timeout_s`` (30 s if
+        unset) are left alone. Returns the clients set up again (their party as built from the config:
+        the runner then loads their own last saved state)."""
+        held = {self.node[n] for n in self.names if n not in names and n in self.node}
+        fresh = [i for i in self.grid.get_node_ids() if i not in held]
+        if not fresh:
+            return []
+        timeout = self.cfg.train.site_timeout_s or RECOVER_TIMEOUT_S
+        problems: list = []
+        found = self._hello(fresh, names, problems, timeout)
+        back = self._setup_sites(found, problems, timeout) if found else []
+        for n in back:
+            self.node[n] = found[n]
+        if problems and self.runner.logger is not None:
+            self.runner.logger.log.warning("while looking for lost sites: " + "; ".join(problems))
+        return back
 
     # --- carrying steps as messages ----------------------------------------------------------------
     def _message(self, name: str, step: str, msg, kw: dict):
@@ -266,13 +304,19 @@ class FlowerHost(ClientHost):
                 name, down = pending.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
                     self._count(name, step, down, 0)
-                    if reply.error.code in LOST_CODES:
-                        self.runner.lose(name, f"Flower error {reply.error.code} on {step!r}: {reply.error.reason}")
-                        continue
                     reason, _, trace = reply.error.reason.partition(TRACE)
+                    if reply.error.code in LOST_CODES or reason.startswith("SiteNotSetUp"):
+                        self.runner.lose(name, f"Flower error {reply.error.code} on {step!r}: {reason}")
+                        continue
                     yield name, ClientFailure(name, reason, trace)
                 else:
-                    self._count(name, step, down, content_bytes(reply.content))
+                    up = content_bytes(reply.content)
+                    self._count(name, step, down, up)
+                    limit = self.runner.checker.max_bytes(name, step, kw)
+                    if up > limit:  # refused before it is decoded
+                        yield name, ClientFailure(name, f"BadReply: its reply to {step!r} is refused: {up} bytes, more "
+                                                        f"than the step can produce ({limit})")
+                        continue
                     call = reply.content["call"]
                     self.served[name].add(int(call["pid"]))
                     self.restores[name] += bool(call["restored"])

@@ -133,13 +133,17 @@ class Site:
                 f.unlink()
 
 
+class SiteNotSetUp(RuntimeError):
+    """A message reached a site that holds nothing of the run (a node started again after it was lost):
+    the server counts it lost and sets it up again at the next round (:meth:`fed.flower.engine.FlowerHost.recover`)."""
+
+
 #: this process's sites, by folder
 _SITES: Dict[str, Site] = {}
 
 
-def site_folder(context: Context, sites_root: Optional[str]) -> Path:
-    """The node config's ``site-dir`` (a deployment), else ``<sites_root>/client{partition-id}``."""
-    nc = context.node_config
+def site_folder(nc, sites_root: Optional[str]) -> Path:
+    """The node config's (``nc``) ``site-dir`` (a deployment), else ``<sites_root>/client{partition-id}``."""
     if SITE_DIR_KEY in nc:
         return Path(str(nc[SITE_DIR_KEY]))
     if sites_root is None or PARTITION_KEY not in nc:
@@ -147,9 +151,8 @@ def site_folder(context: Context, sites_root: Optional[str]) -> Path:
     return Path(sites_root) / f"client{int(nc[PARTITION_KEY])}"
 
 
-def node_declaration(context: Context, folder: Path) -> dict:
-    """``{"site", "arch", "data-root"}`` of this node: its node config (a deployment) or ``node.json``."""
-    nc = context.node_config
+def node_declaration(nc, folder: Path) -> dict:
+    """``{"site", "arch", "data-root"}`` of this node: its node config ``nc`` (a deployment) or ``node.json``."""
     if SITE_DIR_KEY not in nc and (folder / NODE).exists():
         return json.loads((folder / NODE).read_text())
     missing = [k for k in NODE_KEYS if not str(nc.get(k, ""))]
@@ -203,7 +206,8 @@ def _site(folder: Path, run: str, version: int) -> Site:
     if site is None or site.run != run or (version == 0 and site.version != 0):
         info = json.loads((folder / RUN).read_text()) if (folder / RUN).exists() else {}
         if info.get("run") != run:
-            raise RuntimeError(f"{folder}: this site was not set up for run {run} (no setup message reached it)")
+            raise SiteNotSetUp(f"{folder}: this site was not set up for run {run} (no setup message reached it: "
+                               f"it was started after the run began, or restarted)")
         site = Site(folder, info)
         _SITES[str(folder)] = site
     if site.version == version:
@@ -227,50 +231,60 @@ def _site(folder: Path, run: str, version: int) -> Site:
 def serve(message: Message, context: Context, sites_root: Optional[str] = None) -> Message:
     """Answer one message: run its step on this node's party and reply, or reply with an error
     (``Type: message``, then :data:`TRACE` and the traceback)."""
-    from fed.core.calls import call as call_step, to_device
-
-    content = message.content
-    call = content["call"]
-    step = call["step"]
     try:
-        folder = site_folder(context, sites_root)
-        restored = False
-        if step == HELLO:
-            node = node_declaration(context, folder)
-            reply = {"site": node["site"], "arch": node["arch"]}
-        elif step == SETUP:
-            reply = _setup(folder, node_declaration(context, folder), call)
-        else:
-            version = int(call["version"])
-            site = _site(folder, call["run"], version)
-            restored, site.restored = site.restored, False
-            torch.set_num_threads(site.threads)
-            kw = decode_kw(content)
-            if step in ("save_state", "load_state"):  # the site's own disk, whatever the server's folder is
-                kw["folder"] = folder / STATE
-            if step == "test_weights":  # test overlays show the site's images: they stay on its disk
-                kw["overlay_dir"] = folder / "test_overlays"
-            msg = to_device(decode_payload(content), site.device)
-            mutating = message.metadata.message_type.split(".")[0] == "train"
-            try:
-                reply = call_step(site.method, site.party, step, msg, kw)
-            finally:
-                if mutating:
-                    site.version = version + 1
-                    if site.persist == "message":
-                        site.write_live()
-            if step == "save_state":  # keep this round and the one before (the last committed)
-                site.prune_states(lambda r: r >= kw["rnd"] - 1)
-            elif step == "load_state":  # rounds after the committed one were never committed
-                site.prune_states(lambda r: r <= kw["rnd"])
-            reply = to_device(reply, "cpu")
-        # who served it: the process, and whether it had to read the site's state from disk
-        out = RecordDict({"call": ConfigRecord({"step": step, "pid": os.getpid(), "restored": restored})})
-        encode_payload(reply, out)
+        out = answer(message.content, message.metadata.message_type, context.node_config, sites_root)
         return Message(out, reply_to=message)
     except Exception as e:  # noqa: BLE001 - reported to the server, which decides
-        reason = f"{type(e).__name__}: {e}{TRACE}{traceback.format_exc()}"
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=error_reason(e)), reply_to=message)
+
+
+def error_reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}{TRACE}{traceback.format_exc()}"
+
+
+def answer(content: RecordDict, message_type: str, node_config, sites_root: Optional[str] = None) -> RecordDict:
+    """The reply's content to a message's ``content`` (of Flower type ``message_type``) at the node of
+    ``node_config``; raises what the step raised. (:func:`serve` in a ``flwr-clientapp`` process, or a
+    site's long-lived process, :mod:`fed.flower.sited`, which keeps the party loaded between messages.)"""
+    from fed.core.calls import call as call_step, to_device
+
+    call = content["call"]
+    step = call["step"]
+    folder = site_folder(node_config, sites_root)
+    restored = False
+    if step == HELLO:
+        node = node_declaration(node_config, folder)
+        reply = {"site": node["site"], "arch": node["arch"]}
+    elif step == SETUP:
+        reply = _setup(folder, node_declaration(node_config, folder), call)
+    else:
+        version = int(call["version"])
+        site = _site(folder, call["run"], version)
+        restored, site.restored = site.restored, False
+        torch.set_num_threads(site.threads)
+        kw = decode_kw(content)
+        if step in ("save_state", "load_state"):  # the site's own disk, whatever the server's folder is
+            kw["folder"] = folder / STATE
+        if step == "test_weights":  # test overlays show the site's images: they stay on its disk
+            kw["overlay_dir"] = folder / "test_overlays"
+        msg = to_device(decode_payload(content), site.device)
+        mutating = message_type.split(".")[0] == "train"
+        try:
+            reply = call_step(site.method, site.party, step, msg, kw)
+        finally:
+            if mutating:
+                site.version = version + 1
+                if site.persist == "message":
+                    site.write_live()
+        if step == "save_state":  # keep this round and the one before (the last committed)
+            site.prune_states(lambda r: r >= kw["rnd"] - 1)
+        elif step == "load_state":  # rounds after the committed one were never committed
+            site.prune_states(lambda r: r <= kw["rnd"])
+        reply = to_device(reply, "cpu")
+    # who served it: the process, and whether it had to read the site's state from disk
+    out = RecordDict({"call": ConfigRecord({"step": step, "pid": os.getpid(), "restored": restored})})
+    encode_payload(reply, out)
+    return out
 
 
 def make_client_app(sites_root: Optional[str] = None) -> ClientApp:
