@@ -147,8 +147,18 @@ class StateWriter:
             e, self.error = self.error, None
             raise RuntimeError(f"writing the training state failed: {e}") from e
         atomic_write_text(self.folder / COMMIT, json.dumps({"round": rnd, **extra}))
+        latest: Dict[str, int] = {}  # each party's last saved round (a lost site's stays: it resumes there)
+        files = []
         for f in self.folder.glob("*.r*.pt"):
-            if _state_round(f) != rnd:
+            if _state_round(f) > rnd:  # written after the round, never committed
+                f.unlink()
+            else:
+                files.append(f)
+        for f in files:
+            name = f.name.rsplit(".r", 1)[0]
+            latest[name] = max(latest.get(name, -1), _state_round(f))
+        for f in files:
+            if _state_round(f) != latest[f.name.rsplit(".r", 1)[0]]:
                 f.unlink()
         return self.seconds
 
