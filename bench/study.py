@@ -195,6 +195,8 @@ def run_cell(study: dict, c: dict) -> str:
         if rc != 0:
             return f"last-round test failed (exit {rc}; see {log})"
     export_cell(study, c)
+    for f in (d / "state").glob("*.pt"):  # a finished cell resumes nothing: its training states (~1.6 GB a
+        f.unlink()                       # cell at the study's scale) go; checkpoints and last.json stay
     return "done"
 
 

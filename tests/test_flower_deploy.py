@@ -1,9 +1,10 @@
 """The federation on a loopback Flower deployment (``python -m fed.flower.deploy``): a SuperLink and one
-SuperNode per site as separate processes on 127.0.0.1, the run submitted with ``flwr run flower_app``.
+SuperNode and one site process per site, as separate processes on 127.0.0.1, over TLS with SuperNode
+authentication, the run submitted with ``flwr run flower_app``.
 
-Slow (every message to a site is served by a fresh ``flwr-clientapp`` process: a few seconds each),
-bounded by ``deploy(timeout_s=...)``; whatever happens, every process the launcher started (and every
-descendant it saw) is stopped, which the tests check.
+Slow (Flower's SuperNode polls for messages every 3 s and starts a process for each), bounded by
+``deploy(timeout_s=...)``; whatever happens, every process the launcher started (and every descendant it
+saw) is stopped, which the tests check.
 """
 import json
 import signal
@@ -18,7 +19,7 @@ from conftest import tiny_overrides  # noqa: E402
 from fed import load_config  # noqa: E402
 
 LIMIT_S = 300  # the whole deployment: start, two rounds, final test, stop
-TIMEOUT_S = 20  # train.site_timeout_s: a killed site is lost after this; a live one (a fresh process per message) answers well within it
+TIMEOUT_S = 20  # train.site_timeout_s: a killed site is lost after this; a live one answers well within it
 
 
 def _cfg(tmp_path, *extra):
@@ -26,8 +27,8 @@ def _cfg(tmp_path, *extra):
                                             "train.fusion_epochs=1", "train.worker_threads=1", *extra))
 
 
-def _kill_after_round_0(tmp_path, killed):
-    """``on_start`` for :func:`deploy`: a thread that kills SuperNode 1 (and its processes) once round 0
+def _kill_after_round_0(tmp_path, killed, service="supernode1"):
+    """``on_start`` for :func:`deploy`: a thread that kills ``service`` (and its processes) once round 0
     is in the run's metrics."""
     import threading
     import time
@@ -39,7 +40,7 @@ def _kill_after_round_0(tmp_path, killed):
             end = time.time() + LIMIT_S
             while time.time() < end and not status.exists():
                 if metrics.exists() and metrics.read_text().strip():
-                    svc.kill("supernode1")
+                    svc.kill(service)
                     killed["at"] = time.time()
                     return
                 time.sleep(0.2)
@@ -150,23 +151,21 @@ def test_a_site_that_goes_away_rejoins_and_strangers_and_bad_replies_are_refused
 
 
 @pytest.mark.slow
-def test_a_site_that_dies_stops_the_run_which_resumes_on_a_new_deployment(tmp_path):
-    """With ``train.min_sites`` at 0 (every site), losing SuperNode 1 stops the run cleanly after round
-    0 (status ``SitesLost``, round 0 committed); a new deployment with ``--resume`` finishes round 1 and
-    the run: HSSF's two rounds across separate processes, the final test at the sites, every process
-    stopped."""
+def test_the_superlink_going_down_stops_the_run_which_resumes_on_a_new_deployment(tmp_path):
+    """The SuperLink (and the ServerApp under it) is killed once round 0 is committed: the deployment
+    ends with round 0 kept; a new deployment with ``--resume`` finishes round 1 and the run: HSSF's two
+    rounds across separate processes, the final test at the sites, every process stopped."""
     from fed.flower.deploy import deploy
     from utils.logger import read_metrics
 
     cfg = _cfg(tmp_path, f"train.site_timeout_s={TIMEOUT_S}")
     killed = {}
-    out = deploy(cfg, tmp_path / "w", timeout_s=LIMIT_S, on_start=_kill_after_round_0(tmp_path, killed))
+    out = deploy(cfg, tmp_path / "w", timeout_s=LIMIT_S, on_start=_kill_after_round_0(tmp_path, killed, "superlink"))
     assert out["remaining"] == [], f"processes left running: {out['remaining']}"
-    assert "at" in killed and not out["ok"] and out["error"].startswith("SitesLost"), out
+    assert "at" in killed and not out["ok"] and out["error"].startswith("SuperLinkStopped"), out
     run = tmp_path / "w" / "run"
     assert json.loads((run / "state" / "last.json").read_text())["round"] == 0
     assert [r["round"] for r in read_metrics(run)] == [0] and not (run / "results.json").exists()
-    assert "client1 (B) is lost" in (run / "train.log").read_text()
 
     again = deploy(load_config(tmp_path / "w" / "flower" / "config.yaml"), tmp_path / "w", timeout_s=LIMIT_S,
                    resume=True)
@@ -177,7 +176,7 @@ def test_a_site_that_dies_stops_the_run_which_resumes_on_a_new_deployment(tmp_pa
     assert [r["round"] for r in recs] == [0, 1] and recs[1]["skipped"] == {}
     assert recs[1]["bytes"]["client0"]["up"] > 0  # the condensation predictions crossed as Flower messages
     log = (run / "train.log").read_text()
-    assert "resumed" in log and "Flower deployment: 2 SuperNodes" in log
+    assert "resumed" in log and "Flower deployment (TLS, only registered SuperNode keys admitted): 2 SuperNodes" in log
     assert "test split, best-val checkpoints (batch 1, every image, scored at each site)" in log
     res = json.loads((run / "results.json").read_text())
     assert res["rounds"] == 2 and {"client0", "client1", "all"} <= set(res["test"])

@@ -431,10 +431,13 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
                 raise TimeoutError(f"the deployment did not finish in {timeout_s:.0f} s (logs in {logs})")
             svc.track()
             dead = [d for d in svc.dead() if d.startswith("superlink")]
-            if dead:
-                raise RuntimeError(f"the SuperLink stopped: {dead} (logs in {logs})")
+            if dead:  # the server's machine went down: the run's last committed round is kept (--resume)
+                out = {"ok": False, "error": f"SuperLinkStopped: the SuperLink stopped: {dead} (logs in {logs}); "
+                                             f"the run's last completed round is kept: continue with --resume"}
+                break
             time.sleep(poll_s)
-        out = json.loads(status.read_text())
+        else:
+            out = json.loads(status.read_text())
     finally:
         out["pids"] = svc.pids()
         svc.stop()
