@@ -13,8 +13,8 @@ federation of the tests (2 sites, 2 rounds, 1 warm-up). Run it on a quiet machin
 
 runs one config in this process and on deployments side by side, and prints each one's time per round
 (``metrics.jsonl``), start-up (wall time less the rounds) and wall time: in process; a TLS deployment
-with each site's long-lived process (``fed.flower.sited``, the default); the same with a fresh
-``flwr-clientapp`` process serving every message; an insecure deployment. Default: the demo at 32 px,
+with each site's long-lived process (``fed.flower.sited``, the default); an insecure deployment; a TLS
+deployment with a fresh ``flwr-clientapp`` process serving every message. Default: the demo at 32 px,
 2 rounds (1 warm-up).
 """
 from __future__ import annotations
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
 SPEED_DEFAULT = ["train.rounds=2", "train.warmup_rounds=1", "data.size=32"]
 #: deployment variants of --speed: name -> deploy() arguments
 VARIANTS = {"deployment, TLS, site processes (default)": {},
-            "deployment, TLS, a process per message": {"site_processes": False},
-            "deployment, insecure, site processes": {"insecure": True}}
+            "deployment, insecure, site processes": {"insecure": True},
+            "deployment, TLS, a process per message": {"site_processes": False}}
 
 
 def speed(a) -> int:

@@ -148,7 +148,7 @@ def test_a_site_continues_from_its_disk_in_a_fresh_process_for_every_message(tmp
     split = json.loads(data.split_path.read_text())
     setup = {"settings": json.dumps(cfg.settings()), "device": "cpu", "threads": 1, "persist": "message",
              "name": "client0", "index": 0, "split": json.dumps({"P": split["P"], "A": split["A"]}), "verify": False}
-    assert decode_payload(serve(_site_message("hello", "query", 0, 0)).content) == {"site": "A", "arch": "tiny"}
+    assert decode_payload(serve(_site_message("hello", "query", 0, 0)).content) == {"site": "A", "arch": "tiny", "keeps": False}
     reply = serve(_site_message("setup", "train", 0, 0, extra=setup))
     assert decode_payload(reply.content) == {"name": "client0", "index": 0, "site": "A", "arch": "tiny",
                                              "files": {k: len(v) for k, v in data.clients[0].items()}}
@@ -213,7 +213,7 @@ def test_a_deployed_site_declares_itself_and_reads_only_its_own_files(tmp_path):
     split = json.loads((tmp_path / "w" / "server" / "split.json").read_text())
     setup = {"settings": json.dumps(cfg.settings()), "device": "cpu", "threads": 1, "persist": "message",
              "name": "client0", "index": 0, "split": json.dumps({"P": split["P"], "A": split["A"]}), "verify": True}
-    assert decode_payload(S.serve(_site_message("hello", "query", 0, 0), ctx).content) == {"site": "A", "arch": "tiny"}
+    assert decode_payload(S.serve(_site_message("hello", "query", 0, 0), ctx).content) == {"site": "A", "arch": "tiny", "keeps": False}
     reply = S.serve(_site_message("setup", "train", 0, 1, extra=setup), ctx)
     assert not reply.has_error(), reply.error.reason
     assert decode_payload(reply.content)["files"] == {k: len(v) for k, v in full.clients[0].items()}

@@ -366,6 +366,8 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
         from fed.core.run import prepare_run_dir
 
         prepare_run_dir(cfg, dry_run=True)  # refuse an occupied run directory before starting anything
+        if cfg.train.worker_threads == 0:  # the sites share this machine's cores (real sites: their own)
+            cfg.train.worker_threads = max(1, (os.cpu_count() or 1) // len(cfg.data.clients))
         nodes = provision(cfg, workdir)
         cfg_path.write_text(yaml.safe_dump(cfg.settings(), sort_keys=False))
         (fl / SITES_FILE).write_text(json.dumps(nodes, indent=1))

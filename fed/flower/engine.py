@@ -137,6 +137,7 @@ class FlowerHost(ClientHost):
         self.served = {n: set() for n in self.names}  # the processes that served each site
         self.restores = {n: 0 for n in self.names}  # messages a process answered from the site's disk
         self.node: Dict[str, int] = {}
+        self.keeps: Dict[str, bool] = {}  # sites whose long-lived process keeps their party (fed.flower.sited)
         t = time.perf_counter()
         self.grid = self.open_grid()
         try:
@@ -145,8 +146,12 @@ class FlowerHost(ClientHost):
             self.close()
             raise
         if r.logger is not None:
-            r.logger.info(f"{self.describe(K, threads)}, client state persisted "
-                          f"{'after every train message' if self.persist == 'message' else 'at the save points'}"
+            kept = [n for n in self.names if self.keeps.get(n)]
+            how = ('after every train message' if self.persist == 'message' else 'at the save points')
+            if kept and self.persist == "message":
+                how = (f"at the save points at {len(kept)} site(s) whose own process keeps their party"
+                       + (", after every train message at the others" if len(kept) < K else ""))
+            r.logger.info(f"{self.describe(K, threads)}, client state persisted {how}"
                           f"; up in {time.perf_counter() - t:.1f} s")
 
     def open_grid(self):
@@ -191,6 +196,7 @@ class FlowerHost(ClientHost):
                                 f"run's config agree")
             else:
                 found[name] = node
+                self.keeps[name] = bool(who.get("keeps", False))
         return found
 
     def _setup_sites(self, nodes: Dict[str, int], problems: list, timeout: float = START_TIMEOUT_S) -> List[str]:
@@ -202,6 +208,8 @@ class FlowerHost(ClientHost):
                 "device": "cuda" if self.runner.device.type == "cuda" else str(self.runner.device),
                 "threads": self.threads, "persist": self.persist}
         calls = {node: {**base, "name": n, "index": self.names.index(n),
+                        # a site served by one long-lived process keeps its round in memory
+                        "persist": "save_state" if self.keeps.get(n) else self.persist,
                         "split": json.dumps({public: split[public], self.sites[n]: split[self.sites[n]]}),
                         # the data this process read is verified already (one machine: the simulation)
                         "verify": bool(self.cfg.data.verify and self.runner.data.clients[self.names.index(n)] is None)}
@@ -305,7 +313,7 @@ class FlowerHost(ClientHost):
                 if reply.has_error():
                     self._count(name, step, down, 0)
                     reason, _, trace = reply.error.reason.partition(TRACE)
-                    if reply.error.code in LOST_CODES or reason.startswith("SiteNotSetUp"):
+                    if reply.error.code in LOST_CODES or reason.startswith(("SiteNotSetUp", "SiteStateLost")):
                         self.runner.lose(name, f"Flower error {reply.error.code} on {step!r}: {reason}")
                         continue
                     yield name, ClientFailure(name, reason, trace)

@@ -138,6 +138,16 @@ class SiteNotSetUp(RuntimeError):
     the server counts it lost and sets it up again at the next round (:meth:`fed.flower.engine.FlowerHost.recover`)."""
 
 
+class SiteStateLost(SiteNotSetUp):
+    """The site's state within the round is gone (its long-lived process ended, and with persistence
+    ``save_state`` nothing of the round is on its disk): counted lost, it rejoins at the next round from
+    its last saved state."""
+
+
+#: whether this process serves a site's messages for the whole run (:mod:`fed.flower.sited`): the server
+#: then keeps the site's state within a round in that process's memory only (persistence ``save_state``)
+KEEPS_PARTY = False
+
 #: this process's sites, by folder
 _SITES: Dict[str, Site] = {}
 
@@ -222,7 +232,7 @@ def _site(folder: Path, run: str, version: int) -> Site:
         on_disk = f"{live} holds version {state['version']}"
     else:
         on_disk = f"{live} does not exist"
-    raise RuntimeError(
+    raise SiteStateLost(
         f"{site.party.name}: the message expects the site's state at version {version}; this process holds "
         f"version {site.version} and {on_disk} (persistence {site.persist!r}: with 'save_state' a site must be "
         f"served by one process between the run's save points)")
@@ -254,7 +264,7 @@ def answer(content: RecordDict, message_type: str, node_config, sites_root: Opti
     restored = False
     if step == HELLO:
         node = node_declaration(node_config, folder)
-        reply = {"site": node["site"], "arch": node["arch"]}
+        reply = {"site": node["site"], "arch": node["arch"], "keeps": KEEPS_PARTY}
     elif step == SETUP:
         reply = _setup(folder, node_declaration(node_config, folder), call)
     else:

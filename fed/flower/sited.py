@@ -44,7 +44,10 @@ def serve_forever(folder: Path, ready=None) -> None:
     """Serve the site of ``folder`` until SIGTERM/SIGINT."""
     from flwr.common.serde import ProtoRecordDict, recorddict_from_proto, recorddict_to_proto
 
+    from . import site
     from .site import answer, error_reason
+
+    site.KEEPS_PARTY = True  # this process serves the site for the whole run
 
     folder.mkdir(parents=True, exist_ok=True)
     key = os.urandom(32)
