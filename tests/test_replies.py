@@ -19,8 +19,8 @@ from fed.core.replies import (Checker, Context, Fields, Maybe, Nothing, Number, 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _ctx(**kw):
-    return Context(P=8, S=32, state_of=state_shapes, name="client1", arch="tiny", kw=kw)
+def _ctx(max_rows=None):
+    return Context(P=8, S=32, name="client1", arch="tiny", max_rows=max_rows)
 
 
 def _refused(spec, value, ctx=None) -> str:
@@ -102,8 +102,8 @@ def test_prefixed_parts_and_rows():
     assert "unexpected key 'spy.x'" in _refused(spec, {**flat, "spy.x": torch.zeros(1)})
     assert "lacks the part(s) ['student']" in _refused(spec, {f"teacher.{k}": v for k, v in sd.items()})
     row = {"group": "client1", "name": "a.png", "dice": 0.5, "iou": 0.3, "precision": 1.0, "recall": 0.0, "hd95": 2.0}
-    Rows().check([row], _ctx(_max_rows=1), "")
-    assert "more than the site's 1 images" in _refused(Rows(), [row, row], _ctx(_max_rows=1))
+    Rows().check([row], _ctx(max_rows=1), "")
+    assert "more than the site's 1 images" in _refused(Rows(), [row, row], _ctx(max_rows=1))
     assert "not a row of client1" in _refused(Rows(), [{**row, "group": "client0"}])
     assert "outside [0, 1]" in _refused(Rows(), [{**row, "dice": 1.5}])
     assert "not a finite distance" in _refused(Rows(), [{**row, "hd95": float("nan")}])

@@ -27,6 +27,7 @@ The vocabulary::
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Callable, Dict, List, Optional
@@ -53,10 +54,10 @@ class ReplyError(ValueError):
 class Context:
     """What a declaration is checked against: the run's sizes, the client and the step's arguments."""
 
-    def __init__(self, P: int, S: int, state_of: Callable[[str], Dict[str, tuple]], name: str = "",
-                 arch: str = "", kw: Optional[dict] = None):
+    def __init__(self, P: int, S: int, name: str = "", arch: str = "", kw: Optional[dict] = None,
+                 max_rows: Optional[int] = None):
         self.dims = {"P": P, "S": S, "C": CLASSES}
-        self.state_of, self.name, self.arch, self.kw = state_of, name, arch, kw or {}
+        self.name, self.arch, self.kw, self.max_rows = name, arch, kw or {}, max_rows
         self.bound: Dict[str, int] = {}
 
 
@@ -232,7 +233,7 @@ class State(Spec):
         self.of, self.params_only = of, params_only
 
     def reference(self, ctx) -> Dict[str, tuple]:
-        ref = self.of(ctx) if self.of is not None else ctx.state_of(ctx.arch)
+        ref = self.of(ctx) if self.of is not None else state_shapes(ctx.arch)
         return {k: v for k, v in ref.items() if v[2] or not self.params_only}
 
     def check(self, value, ctx, path=""):
@@ -250,8 +251,11 @@ class State(Spec):
             if not torch.is_tensor(v) or tuple(v.shape) != shape or v.dtype != dtype:
                 got = f"{tuple(v.shape)} {v.dtype}" if torch.is_tensor(v) else type(v).__name__
                 raise ReplyError(f"{w}[{k!r}] is {got}, expected {shape} {dtype}")
-            if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
-                raise ReplyError(f"{w}[{k!r}] holds non-finite values")
+        floats = [k for k in ref if value[k].is_floating_point() and value[k].numel()]
+        if floats:  # one device sync for the whole state; the first bad entry named
+            finite = torch.stack([torch.isfinite(value[k]).all() for k in floats])
+            if not bool(finite.all()):
+                raise ReplyError(f"{w}[{floats[int((~finite).nonzero()[0])]!r}] holds non-finite values")
 
     def max_bytes(self, ctx):
         return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d, _ in self.reference(ctx).values())
@@ -300,7 +304,7 @@ class Rows(Spec):
         w = _where(path)
         if not isinstance(value, list):
             raise ReplyError(f"{w} must be a list of rows, got {type(value).__name__}")
-        limit = ctx.kw.get("_max_rows")
+        limit = ctx.max_rows
         if limit is not None and len(value) > limit:
             raise ReplyError(f"{w} has {len(value)} rows, more than the site's {limit} images")
         for i, row in enumerate(value):
@@ -318,7 +322,7 @@ class Rows(Spec):
                 raise ReplyError(f"{w}[{i}]['hd95'] is {hd!r}, not a finite distance")
 
     def max_bytes(self, ctx):
-        return (ctx.kw.get("_max_rows") or 100_000) * self.per_row
+        return (ctx.max_rows or 100_000) * self.per_row
 
 
 class Losses(Spec):
@@ -360,8 +364,9 @@ def module_shapes(build: Callable[[], "torch.nn.Module"]) -> Dict[str, tuple]:
     return {k: (tuple(v.shape), v.dtype, k in params) for k, v in module.state_dict().items()}
 
 
+@functools.lru_cache(maxsize=None)
 def state_shapes(arch: str) -> Dict[str, tuple]:
-    """The state of ``networks.build_model(arch)`` (:func:`module_shapes`)."""
+    """The state of ``networks.build_model(arch)`` (:func:`module_shapes`), built once per architecture."""
     import networks
 
     return module_shapes(lambda: networks.build_model(arch))
@@ -375,12 +380,6 @@ class Checker:
 
     def __init__(self, method, P: int, S: int, archs: Dict[str, str], file_counts: Dict[str, Dict[str, int]]):
         self.method, self.P, self.S, self.archs, self.file_counts = method, P, S, archs, file_counts
-        self._states: Dict[str, Dict[str, tuple]] = {}
-
-    def state_of(self, arch: str) -> Dict[str, tuple]:
-        if arch not in self._states:
-            self._states[arch] = state_shapes(arch)
-        return self._states[arch]
 
     def spec(self, step: str) -> Spec:
         if step in PARTY_REPLIES:
@@ -396,8 +395,7 @@ class Checker:
     def context(self, name: str, step: str, kw: dict) -> Context:
         split = "test" if step == "test_weights" else kw.get("split") if step == "evaluate" else None
         rows = self.file_counts.get(name, {}).get(self.SPLITS.get(split, ""))
-        return Context(self.P, self.S, self.state_of, name, self.archs.get(name, ""),
-                       {**kw, "_max_rows": rows})
+        return Context(self.P, self.S, name, self.archs.get(name, ""), kw, max_rows=rows)
 
     def check(self, name: str, step: str, reply, kw: dict) -> Optional[str]:
         """None if ``reply`` (``name``'s reply to ``step``) fits the step's declaration, else what is wrong."""
