@@ -32,29 +32,32 @@ def _first_tensor(reply, prefer: str = ""):
     raise ValueError("this fault needs a reply with a non-empty tensor")
 
 
-def _set(reply: dict, k, v) -> dict:
-    return {**reply, k: v}
-
-
-def _poke(value: float, prefer: str = ""):
+def _change(fn, prefer: str = ""):
+    """A fault that replaces the reply's first tensor (``prefer`` first) ``t`` with ``fn(t)``."""
     def f(reply):
         k, t = _first_tensor(reply, prefer)
+        return {**reply, k: fn(t)}
+    return f
+
+
+def _poked(value: float):
+    def fn(t):
         t = t.clone()
         t.view(-1)[0] = value
-        return _set(reply, k, t)
-    return f
+        return t
+    return fn
 
 
 #: kind -> how the reply is spoiled
 KINDS = {
     "extra_key": lambda r: {**r, "smuggled": torch.zeros(1)},
     "missing_key": lambda r: {k: v for k, v in list(r.items())[1:]},
-    "shape": lambda r: _set(r, *(lambda kt: (kt[0], kt[1][..., :-1] if kt[1].dim() > 1 else kt[1][:-1]))(_first_tensor(r))),
-    "dtype": lambda r: _set(r, *(lambda kt: (kt[0], kt[1].double()))(_first_tensor(r))),
-    "nan": _poke(float("nan")),
-    "inf": _poke(float("inf")),
-    "range": _poke(7.0, prefer="grade"),
-    "oversize": lambda r: _set(r, *(lambda kt: (kt[0], torch.cat([kt[1]] * 64)))(_first_tensor(r))),
+    "shape": _change(lambda t: t[..., :-1] if t.dim() > 1 else t[:-1]),
+    "dtype": _change(lambda t: t.double()),
+    "nan": _change(_poked(float("nan"))),
+    "inf": _change(_poked(float("inf"))),
+    "range": _change(_poked(7.0), prefer="grade"),
+    "oversize": _change(lambda t: torch.cat([t] * 64)),
     "not_a_dict": lambda r: [r],
 }
 

@@ -147,18 +147,15 @@ class StateWriter:
             e, self.error = self.error, None
             raise RuntimeError(f"writing the training state failed: {e}") from e
         atomic_write_text(self.folder / COMMIT, json.dumps({"round": rnd, **extra}))
-        latest: Dict[str, int] = {}  # each party's last saved round (a lost site's stays: it resumes there)
-        files = []
-        for f in self.folder.glob("*.r*.pt"):
-            if _state_round(f) > rnd:  # written after the round, never committed
-                f.unlink()
-            else:
-                files.append(f)
-        for f in files:
-            name = f.name.rsplit(".r", 1)[0]
-            latest[name] = max(latest.get(name, -1), _state_round(f))
-        for f in files:
-            if _state_round(f) != latest[f.name.rsplit(".r", 1)[0]]:
+        # each party's files by round: rounds after this one were never committed; of the others each
+        # party keeps its latest (a lost site's stays: it resumes there)
+        files = [(f.name.rsplit(".r", 1)[0], _state_round(f), f) for f in self.folder.glob("*.r*.pt")]
+        latest: Dict[str, int] = {}
+        for name, r, _ in files:
+            if r <= rnd:
+                latest[name] = max(latest.get(name, -1), r)
+        for name, r, f in files:
+            if r != latest.get(name):
                 f.unlink()
         return self.seconds
 
