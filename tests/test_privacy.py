@@ -192,7 +192,9 @@ def test_on_the_flower_simulation_the_wire_carries_the_same(tmp_path, monkeypatc
     replies = [s for s in seen if s[0] not in ("hello", "setup")]
     hellos = [t for step, *_, t in seen if step == "hello"]
     setups = [t for step, *_, t in seen if step == "setup"]
-    assert len(hellos) == 2 and all(set(t) == {"site", "arch"} for t in hellos)
+    # the hello reply: the site's name and architecture, and whether a long-lived process keeps its party
+    assert len(hellos) == 2 and all(set(t) == {"site", "arch", "keeps"} and type(t["keeps"]) is bool
+                                    for t in hellos)
     # the setup reply: who the site is, and how many files of each split it has (numbers, no names)
     assert len(setups) == 2 and all(set(t) == {"name", "index", "site", "arch", "files"} for t in setups)
     assert all(set(t["files"]) == {"labeled_train", "unlabeled_train", "val_list", "test_list"}
