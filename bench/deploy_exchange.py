@@ -13,9 +13,10 @@ federation of the tests (2 sites, 2 rounds, 1 warm-up). Run it on a quiet machin
 
 runs one config in this process and on deployments side by side, and prints each one's time per round
 (``metrics.jsonl``), start-up (wall time less the rounds) and wall time: in process; a TLS deployment
-with each site's long-lived process (``fed.flower.sited``, the default); an insecure deployment; a TLS
-deployment with a fresh ``flwr-clientapp`` process serving every message. Default: the demo at 32 px,
-2 rounds (1 warm-up).
+with each site's long-lived process (``fed.flower.sited``) and SuperNodes that look for work every 0.1 s
+(``fed.flower.supernode``; both the default); an insecure one; one whose SuperNodes wait as Flower's
+own (3 s); a TLS deployment with a fresh ``flwr-clientapp`` process serving every message
+(``--variants`` picks some). Default: the demo at 32 px, 2 rounds (1 warm-up).
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=list(SETTINGS), help="run only these settings")
     ap.add_argument("--workdir", help="where the deployments run (default: a temporary folder, removed)")
     ap.add_argument("--speed", action="store_true", help="time per round in process and on deployments, side by side")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                    help="with --speed: only these deployments (default: all)")
     a = ap.parse_args(argv)
     if a.speed:
         return speed(a)
@@ -92,10 +95,11 @@ def main(argv=None) -> int:
 
 
 SPEED_DEFAULT = ["train.rounds=2", "train.warmup_rounds=1", "data.size=32"]
-#: deployment variants of --speed: name -> deploy() arguments
-VARIANTS = {"deployment, TLS, site processes (default)": {},
-            "deployment, insecure, site processes": {"insecure": True},
-            "deployment, TLS, a process per message": {"site_processes": False}}
+#: deployment variants of --speed: key -> (name, deploy() arguments)
+VARIANTS = {"tls": ("deployment, TLS, site processes (default)", {}),
+            "insecure": ("deployment, insecure, site processes", {"insecure": True}),
+            "flower_poll": ("deployment, TLS, site processes, Flower's 3 s SuperNode poll", {"node_poll_s": 3.0}),
+            "per_message": ("deployment, TLS, a process per message", {"site_processes": False})}
 
 
 def speed(a) -> int:
@@ -126,7 +130,9 @@ def speed(a) -> int:
         t = time.time()
         train(cfg, progress=False)
         row("in process", root / "inprocess", time.time() - t, "up")
-        for name, kw in VARIANTS.items():
+        for key, (name, kw) in VARIANTS.items():
+            if a.variants and key not in a.variants:
+                continue
             work = root / f"deploy{len(rows)}"
             cfg = load_config(config, [*sets, "device=cpu"])
             out = deploy(cfg, work, timeout_s=3600, **kw)

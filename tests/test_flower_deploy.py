@@ -2,8 +2,8 @@
 SuperNode and one site process per site, as separate processes on 127.0.0.1, over TLS with SuperNode
 authentication, the run submitted with ``flwr run flower_app``.
 
-Slow (Flower's SuperNode polls for messages every 3 s and starts a process for each), bounded by
-``deploy(timeout_s=...)``; whatever happens, every process the launcher started (and every descendant it
+Slow (Flower starts a process for every message; the SuperNodes look for work every 0.1 s,
+:mod:`fed.flower.supernode`), bounded by ``deploy(timeout_s=...)``; whatever happens, every process the launcher started (and every descendant it
 saw) is stopped, which the tests check.
 """
 import json
@@ -229,3 +229,30 @@ def test_services_run_from_the_python_the_launcher_runs_under(tmp_path):
     assert env["FLWR_HOME"] == str(tmp_path) and env["FLWR_TELEMETRY_ENABLED"] == "0"
     bindir = Path(sys.executable).parent
     assert (bindir / "flower-superexec").exists(), "requirements-flower.txt installs flower-superexec beside python"
+
+
+def test_the_supernode_waits_at_most_its_poll_interval(monkeypatch):
+    """``python -m fed.flower.supernode --poll-s S`` is Flower's SuperNode loop with every sleep of that loop
+    (3 s when idle, 0.5 s while its ClientApp works) capped at S; the loop still sleeps through a
+    module-level ``time`` (a Flower whose loop no longer does would leave the cap without effect)."""
+    import inspect
+    import time
+
+    import flwr.supernode.start_client_internal as loop
+    from fed.flower import supernode
+
+    source = inspect.getsource(loop)
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
+    monkeypatch.setattr(loop, "time", loop.time)  # put back after the test
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    supernode.patch(0.25)
+    loop.time.sleep(3)
+    loop.time.sleep(0.5)
+    loop.time.sleep(0.1)
+    assert slept == [0.25, 0.25, 0.1]
+    assert loop.time.time is time.time and loop.time.monotonic is time.monotonic  # the rest is the module's
+    with pytest.raises(SystemExit, match="not a number"):
+        supernode.main(["--poll-s", "soon"])
+    with pytest.raises(SystemExit, match="must be > 0"):
+        supernode.main(["--poll-s", "0"])

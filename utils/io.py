@@ -1,6 +1,8 @@
 """Atomic file writes: a temporary file in the same folder, fsync, then rename.
 
-A crash at any moment leaves either the old file or the new one, never a truncated one.
+A crash at any moment leaves either the old file or the new one, never a truncated one. The new file
+is readable and writable by its owner only (``tempfile.mkstemp`` makes it 0600, and the rename keeps
+that): the deployment's private keys are written this way too.
 """
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 
 def _atomic_write(path, write) -> Path:
     path = Path(path)

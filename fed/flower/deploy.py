@@ -47,6 +47,7 @@ from . import engine as _engine  # noqa: F401  (sets Flower's offline environmen
 from .engine import FlowerHost
 from .site import make_client_app
 from .sited import INFO as SITED_INFO, KEY as SITED_KEY
+from .supernode import DEFAULT_POLL_S
 
 REPO = Path(__file__).resolve().parents[2]
 APP_DIR = REPO / "flower_app"
@@ -337,7 +338,8 @@ def service_env(home: Path, base: Optional[dict] = None) -> dict:
 
 
 def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, on_start=None,
-           poll_s: float = 0.5, insecure: bool = False, intruders: int = 0, site_processes: bool = True) -> dict:
+           poll_s: float = 0.5, insecure: bool = False, intruders: int = 0, site_processes: bool = True,
+           node_poll_s: float = DEFAULT_POLL_S) -> dict:
     """Run ``cfg`` on a loopback deployment in ``workdir``; returns ``status.json`` plus ``pids`` (the
     services started), ``transport`` and ``wall_s``. ``on_start(services, status_path)`` is called once
     ``flwr run`` has submitted the run (tests use it to kill a site). Every started process is stopped
@@ -350,7 +352,9 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
     ``intruders``: as many extra SuperNodes that claim to be site 0 with keys the SuperLink was never
     given (a test of the authentication: they are refused). ``site_processes``: start each site's
     long-lived process (:mod:`fed.flower.sited`), which keeps its party loaded between messages; without
-    it every message is served by the ``flwr-clientapp`` process Flower starts for it."""
+    it every message is served by the ``flwr-clientapp`` process Flower starts for it. ``node_poll_s``:
+    the longest a SuperNode waits before asking its SuperLink for work again (:mod:`fed.flower.supernode`;
+    3 is Flower's own ``flower-supernode``)."""
     import yaml
 
     t0 = time.time()
@@ -401,7 +405,7 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
             svc.start("superlink", [exe("flower-superlink"), "--ssl-ca-certfile", str(t["ca"]), "--ssl-certfile",
                                     str(t["cert"]), "--ssl-keyfile", str(t["key"]), "--enable-supernode-auth",
                                     "--host", "127.0.0.1", "--port", str(link)])
-        _wait_port(link, svc, 60)
+        _wait_for(lambda: _listens(link), f"the SuperLink on 127.0.0.1:{link}", svc, 60)
         if not insecure:
             out["node_ids"] = [_register(exe, env, secure["nodes"][k]["public"], logs) for k in range(len(nodes))]
         for k, node in enumerate(nodes):  # each site's long-lived process, which keeps its party loaded
@@ -409,16 +413,21 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
                 for f in (SITED_INFO, SITED_KEY):  # an earlier deployment's
                     (Path(node["site-dir"]) / f).unlink(missing_ok=True)
                 svc.start(f"site{k}", [sys.executable, "-m", "fed.flower.sited", "--site-dir", node["site-dir"]])
+        def supernode(key: int, node: dict) -> List[str]:  # the SuperNode with key pair ``key`` serving ``node``
+            security = ["--insecure"] if secure is None else [
+                "--root-certificates", str(secure["tls"]["ca"]),
+                "--auth-supernode-private-key", str(secure["nodes"][key]["private"])]
+            return [sys.executable, "-m", "fed.flower.supernode", "--poll-s", f"{node_poll_s:g}", *security,
+                    "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(free_port()),
+                    "--node-config", node_config(node)]
+
         for k, node in enumerate(nodes):
             if site_processes:
-                _wait_file(Path(node["site-dir"]) / SITED_INFO, svc, 120)
-            svc.start(f"supernode{k}", [exe("flower-supernode"), *_node_security(secure, k, transport),
-                                        "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1",
-                                        "--port", str(free_port()), "--node-config", node_config(node)])
+                _wait_for(lambda: (Path(node["site-dir"]) / SITED_INFO).exists(), f"site {k}'s process", svc, 120,
+                          spare=("intruder",))
+            svc.start(f"supernode{k}", supernode(k, node))
         for i in range(intruders):  # claims to be site 0, with a key the SuperLink was never given
-            svc.start(f"intruder{i}", [exe("flower-supernode"), *_node_security(secure, len(nodes) + i, transport),
-                                       "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1",
-                                       "--port", str(free_port()), "--node-config", node_config(nodes[0])])
+            svc.start(f"intruder{i}", supernode(len(nodes) + i, nodes[0]))
         cmd = [exe("flwr"), "run", str(APP_DIR), "loopback", "--run-config",
                f'config="{cfg_path}" resume={"true" if resume else "false"} transport="{transport}"']
         sub = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
@@ -470,13 +479,6 @@ def _secure_material(fl: Path, sites: int, intruders: int) -> dict:
                       for k in range(sites + intruders)]}
 
 
-def _node_security(secure: Optional[dict], k: int, transport: str) -> List[str]:
-    if transport == "insecure":
-        return ["--insecure"]
-    return ["--root-certificates", str(secure["tls"]["ca"]), "--auth-supernode-private-key",
-            str(secure["nodes"][k]["private"])]
-
-
 def _register(exe, env: dict, public: Path, logs: Path) -> int:
     """Register a SuperNode's public key with the SuperLink (``flwr supernode register``); its node id."""
     sub = subprocess.run([exe("flwr"), "supernode", "register", str(public), "loopback", "--format", "json"],
@@ -493,27 +495,22 @@ def _register(exe, env: dict, public: Path, logs: Path) -> int:
     return int(got["node-id"])
 
 
-def _wait_file(path: Path, svc: Services, timeout_s: float) -> None:
+def _wait_for(ready, what: str, svc: Services, timeout_s: float, spare=()) -> None:
+    """Wait until ``ready()``; an error if it takes ``timeout_s`` or a started service (other than those
+    whose names start with one of ``spare``) stops meanwhile."""
     end = time.time() + timeout_s
-    while not path.exists():
-        if time.time() > end:
-            raise TimeoutError(f"{path} did not appear in {timeout_s:.0f} s")
-        dead = [d for d in svc.dead() if not d.startswith("intruder")]
+    while not ready():
+        dead = [d for d in svc.dead() if not d.startswith(tuple(spare))] if spare else svc.dead()
         if dead:
-            raise RuntimeError(f"a service stopped while starting: {dead}")
+            raise RuntimeError(f"a service stopped while waiting for {what}: {dead}")
+        if time.time() > end:
+            raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
         time.sleep(0.2)
 
 
-def _wait_port(port: int, svc: Services, timeout_s: float) -> None:
-    end = time.time() + timeout_s
-    while time.time() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if svc.dead():
-            raise RuntimeError(f"a Flower service stopped while starting: {svc.dead()}")
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+def _listens(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def main(argv=None) -> int:
@@ -529,6 +526,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--resume", action="store_true", help="continue the run in W/run")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before everything is stopped")
+    ap.add_argument("--node-poll-s", type=float, default=DEFAULT_POLL_S,
+                    help="longest wait of an idle SuperNode before it asks the SuperLink for work again "
+                         "(fed.flower.supernode; Flower's own flower-supernode: 3)")
     ap.add_argument("--insecure", action="store_true",
                     help="no TLS and no SuperNode authentication (default: TLS with a private CA made for this "
                          "deployment, and only the sites' registered keys may join)")
@@ -540,7 +540,8 @@ def main(argv=None) -> int:
         cfg = load_config(workdir / "flower" / "config.yaml", a.overrides)
     else:
         cfg = load_config(a.config or str(REPO / "configs" / "demo.yaml"), a.overrides)
-    out = deploy(cfg, workdir, timeout_s=a.timeout, resume=a.resume, insecure=a.insecure)
+    out = deploy(cfg, workdir, timeout_s=a.timeout, resume=a.resume, insecure=a.insecure,
+                 node_poll_s=a.node_poll_s)
     print(json.dumps({k: v for k, v in out.items() if k != "results"}, indent=1, default=str))
     return 0 if out.get("ok") else 1
 

@@ -42,7 +42,7 @@ from fed.core.hosts import ClientHost
 from fed.core.method import for_client
 
 from .codec import content_bytes, decode_payload, encode_kw, encode_payload
-from .site import HELLO, SETUP, TRACE, make_client_app, write_node
+from .site import HELLO, LOST_ERRORS, SETUP, TRACE, make_client_app, write_node
 
 SITES_DIR = "sites"  # <run>/sites/<client>: the simulated sites' disks
 #: party calls that only read a party (Flower message type "query"), with a method's ``read_only`` steps;
@@ -215,9 +215,10 @@ class FlowerHost(ClientHost):
                         "verify": bool(self.cfg.data.verify and self.runner.data.clients[self.names.index(n)] is None)}
                  for n, node in nodes.items()}
         by_node = {v: n for n, v in nodes.items()}
-        done = []
+        done, answered = [], set()
         for reply in self._send(calls, "train", timeout):
             name = by_node[reply.metadata.src_node_id]
+            answered.add(name)
             if reply.has_error():  # bad data: the problems; anything else: with the site's traceback
                 reason, _, trace = reply.error.reason.partition(TRACE)
                 problems.append(f"{name} (site {self.sites[name]!r}): {reason}"
@@ -226,7 +227,7 @@ class FlowerHost(ClientHost):
                 self.runner.file_counts[name] = decode_payload(reply.content)["files"]
                 self.version[name] = 0  # a site that is set up holds its party as built from the config
                 done.append(name)
-        late = [n for n in nodes if n not in done and not any(p.startswith(f"{n} ") for p in problems)]
+        late = [n for n in nodes if n not in answered]
         if late:
             problems.append(f"no setup reply from {', '.join(late)} in {timeout:.0f} s")
         return done
@@ -313,7 +314,7 @@ class FlowerHost(ClientHost):
                 if reply.has_error():
                     self._count(name, step, down, 0)
                     reason, _, trace = reply.error.reason.partition(TRACE)
-                    if reply.error.code in LOST_CODES or reason.startswith(("SiteNotSetUp", "SiteStateLost")):
+                    if reply.error.code in LOST_CODES or reason.startswith(LOST_ERRORS):
                         self.runner.lose(name, f"Flower error {reply.error.code} on {step!r}: {reason}")
                         continue
                     yield name, ClientFailure(name, reason, trace)

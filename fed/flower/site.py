@@ -144,6 +144,9 @@ class SiteStateLost(SiteNotSetUp):
     its last saved state."""
 
 
+#: how an error reply (:func:`error_reason`) of a site that must be counted lost begins
+LOST_ERRORS = tuple(f"{c.__name__}: " for c in (SiteNotSetUp, SiteStateLost))
+
 #: whether this process serves a site's messages for the whole run (:mod:`fed.flower.sited`): the server
 #: then keeps the site's state within a round in that process's memory only (persistence ``save_state``)
 KEEPS_PARTY = False
@@ -170,7 +173,7 @@ def node_declaration(nc, folder: Path) -> dict:
         raise RuntimeError(
             f"this node's config lacks {', '.join(repr(k) for k in missing)} ("
             + "; ".join(f"{k}: {NODE_KEYS[k]}" for k in missing) + "). A deployed site declares who it is, e.g. "
-            f"flower-supernode ... --node-config \"site-dir='/srv/hssf' site='Kvasir' arch='resnet34' data-root='/data'\"")
+            "python -m fed.flower.supernode ... --node-config \"site-dir='/srv/hssf' site='Kvasir' arch='resnet34' data-root='/data'\"")
     return {k: str(nc[k]) for k in NODE_KEYS}
 
 

@@ -26,18 +26,13 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 
+from utils.io import atomic_write_bytes
+
 INFO, KEY = "sited.json", "sited.key"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def serve_forever(folder: Path, ready=None) -> None:
@@ -54,8 +49,8 @@ def serve_forever(folder: Path, ready=None) -> None:
     sockdir = Path(tempfile.mkdtemp(prefix="hssf-site-"))  # short: a socket's path is limited to ~100 bytes
     address = str(sockdir / "s")
     listener = Listener(address, family="AF_UNIX", authkey=key)
-    _write_private(folder / KEY, key)
-    _write_private(folder / INFO, json.dumps({"address": address, "pid": os.getpid()}).encode())
+    atomic_write_bytes(folder / KEY, key)
+    atomic_write_bytes(folder / INFO, json.dumps({"address": address, "pid": os.getpid()}).encode())
 
     def stop(*_):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the exit's own clean-up runs undisturbed
@@ -77,12 +72,17 @@ def serve_forever(folder: Path, ready=None) -> None:
                     req = conn.recv()
                 except (OSError, EOFError):
                     continue
+                t0, step = time.time(), "?"
                 try:
                     content = recorddict_from_proto(ProtoRecordDict.FromString(req["content"]))
+                    step = str(content["call"]["step"]) if "call" in content else "?"
                     out = answer(content, req["type"], req["node_config"])
                     reply = ("ok", recorddict_to_proto(out).SerializeToString())
                 except Exception as e:  # noqa: BLE001 - the server decides
                     reply = ("error", error_reason(e))
+                # one line per message: when it came, what it asked, how long the site worked on it
+                print(f"{time.strftime('%H:%M:%S', time.localtime(t0))}.{int(t0 % 1 * 1000):03d} {step}: "
+                      f"{reply[0]} in {time.time() - t0:.2f} s", flush=True)
                 try:
                     conn.send(reply)
                 except (OSError, EOFError):

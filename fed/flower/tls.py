@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 from typing import Sequence
+
+from utils.io import atomic_write_bytes
 
 CURVE_BITS = 384
 
@@ -28,11 +29,6 @@ def _curve():
 
     return ec.SECP384R1()
 
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def make_tls(folder: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), days: int = 30) -> dict:
@@ -77,7 +73,7 @@ def make_tls(folder: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), da
     paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(pem))
     paths["cert"].write_bytes(cert.public_bytes(pem))
-    _write_private(paths["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+    atomic_write_bytes(paths["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
     return paths
 
@@ -91,7 +87,7 @@ def make_node_key(folder: Path, name: str) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     k = ec.generate_private_key(_curve())
     private, public = folder / name, folder / f"{name}.pub"
-    _write_private(private, k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+    atomic_write_bytes(private, k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                             serialization.NoEncryption()))
     public.write_bytes(k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
                        + f" {name}\n".encode())
