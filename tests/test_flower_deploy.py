@@ -7,7 +7,6 @@ Slow (Flower starts a process for every message; the SuperNodes look for work ev
 saw) is stopped, which the tests check.
 """
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -54,7 +53,8 @@ def _lose_and_restart_after_round_0(tmp_path, events):
     """``on_start`` for :func:`deploy`: once round 0 is in the run's metrics, site 1's machine fails (its
     SuperNode and its site process killed) and comes back at once: both started again as they were (same
     key, same folder), the SuperNode again every 2 s while it exits (the SuperLink admits the same key
-    again only once the old connection has timed out, up to a minute), as a service manager would."""
+    again only once it has counted the old connection gone: 2 heartbeat intervals, 20 s), as a service
+    manager would."""
     import threading
     import time
 
@@ -232,21 +232,27 @@ def test_services_run_from_the_python_the_launcher_runs_under(tmp_path):
 
 
 def test_the_supernode_waits_at_most_its_poll_interval(monkeypatch):
-    """``python -m fed.flower.supernode --poll-s S`` is Flower's SuperNode loop with every sleep of that loop
-    (3 s when idle, 0.5 s while its ClientApp works) capped at S; the loop still sleeps through a
-    module-level ``time`` (a Flower whose loop no longer does would leave the cap without effect)."""
+    """``python -m fed.flower.supernode --poll-s S --heartbeat-s H`` is Flower's SuperNode loop with every
+    sleep of that loop (3 s when idle, 0.5 s while its ClientApp works) capped at S, and heartbeats that
+    declare H; the loop still sleeps through a module-level ``time`` and the connection declares the
+    module's interval (a Flower that no longer does would leave them without effect)."""
     import inspect
     import time
 
+    import flwr.supercore.heartbeat as beat
+    import flwr.supernode.fleet_http_connection as fleet
     import flwr.supernode.start_client_internal as loop
     from fed.flower import supernode
 
     source = inspect.getsource(loop)
     assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
-    monkeypatch.setattr(loop, "time", loop.time)  # put back after the test
+    for module, name in ((loop, "time"), (fleet, "HEARTBEAT_DEFAULT_INTERVAL"), (beat, "HEARTBEAT_DEFAULT_INTERVAL")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # put back after the test
+    assert "HEARTBEAT_DEFAULT_INTERVAL" in inspect.getsource(fleet.http_request_response)  # what it declares
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    supernode.patch(0.25)
+    supernode.patch(0.25, 12)
+    assert fleet.HEARTBEAT_DEFAULT_INTERVAL == beat.HEARTBEAT_DEFAULT_INTERVAL == 12
     loop.time.sleep(3)
     loop.time.sleep(0.5)
     loop.time.sleep(0.1)
@@ -256,3 +262,5 @@ def test_the_supernode_waits_at_most_its_poll_interval(monkeypatch):
         supernode.main(["--poll-s", "soon"])
     with pytest.raises(SystemExit, match="must be > 0"):
         supernode.main(["--poll-s", "0"])
+    with pytest.raises(SystemExit, match="refuses less than 10"):
+        supernode.main(["--poll-s", "1", "--heartbeat-s", "5"])

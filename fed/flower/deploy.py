@@ -47,7 +47,7 @@ from . import engine as _engine  # noqa: F401  (sets Flower's offline environmen
 from .engine import FlowerHost
 from .site import make_client_app
 from .sited import INFO as SITED_INFO, KEY as SITED_KEY
-from .supernode import DEFAULT_POLL_S
+from .supernode import DEFAULT_HEARTBEAT_S, DEFAULT_POLL_S
 
 REPO = Path(__file__).resolve().parents[2]
 APP_DIR = REPO / "flower_app"
@@ -339,7 +339,7 @@ def service_env(home: Path, base: Optional[dict] = None) -> dict:
 
 def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, on_start=None,
            poll_s: float = 0.5, insecure: bool = False, intruders: int = 0, site_processes: bool = True,
-           node_poll_s: float = DEFAULT_POLL_S) -> dict:
+           node_poll_s: float = DEFAULT_POLL_S, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> dict:
     """Run ``cfg`` on a loopback deployment in ``workdir``; returns ``status.json`` plus ``pids`` (the
     services started), ``transport`` and ``wall_s``. ``on_start(services, status_path)`` is called once
     ``flwr run`` has submitted the run (tests use it to kill a site). Every started process is stopped
@@ -354,7 +354,8 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
     long-lived process (:mod:`fed.flower.sited`), which keeps its party loaded between messages; without
     it every message is served by the ``flwr-clientapp`` process Flower starts for it. ``node_poll_s``:
     the longest a SuperNode waits before asking its SuperLink for work again (:mod:`fed.flower.supernode`;
-    3 is Flower's own ``flower-supernode``)."""
+    3 is Flower's own ``flower-supernode``); ``heartbeat_s``: a SuperNode silent for twice this is gone, and
+    only then may it join again (Flower's own: 30)."""
     import yaml
 
     t0 = time.time()
@@ -417,7 +418,8 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
             security = ["--insecure"] if secure is None else [
                 "--root-certificates", str(secure["tls"]["ca"]),
                 "--auth-supernode-private-key", str(secure["nodes"][key]["private"])]
-            return [sys.executable, "-m", "fed.flower.supernode", "--poll-s", f"{node_poll_s:g}", *security,
+            return [sys.executable, "-m", "fed.flower.supernode", "--poll-s", f"{node_poll_s:g}",
+                    "--heartbeat-s", f"{heartbeat_s:g}", *security,
                     "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(free_port()),
                     "--node-config", node_config(node)]
 
@@ -529,6 +531,9 @@ def main(argv=None) -> int:
     ap.add_argument("--node-poll-s", type=float, default=DEFAULT_POLL_S,
                     help="longest wait of an idle SuperNode before it asks the SuperLink for work again "
                          "(fed.flower.supernode; Flower's own flower-supernode: 3)")
+    ap.add_argument("--heartbeat-s", type=float, default=DEFAULT_HEARTBEAT_S,
+                    help="a SuperNode silent for twice this many seconds counts as gone, and may then join again "
+                         "(at least 10; Flower's own: 30)")
     ap.add_argument("--insecure", action="store_true",
                     help="no TLS and no SuperNode authentication (default: TLS with a private CA made for this "
                          "deployment, and only the sites' registered keys may join)")
@@ -541,7 +546,7 @@ def main(argv=None) -> int:
     else:
         cfg = load_config(a.config or str(REPO / "configs" / "demo.yaml"), a.overrides)
     out = deploy(cfg, workdir, timeout_s=a.timeout, resume=a.resume, insecure=a.insecure,
-                 node_poll_s=a.node_poll_s)
+                 node_poll_s=a.node_poll_s, heartbeat_s=a.heartbeat_s)
     print(json.dumps({k: v for k, v in out.items() if k != "results"}, indent=1, default=str))
     return 0 if out.get("ok") else 1
 
