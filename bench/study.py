@@ -16,6 +16,7 @@ A study file::
     reference: hssf                   # the row every other one is tested against
     set: [train.rounds=8]             # overrides common to every row (optional)
     floor: true                       # add the all-foreground row (default true)
+    pairs: [[hssf, hssf_no_kl]]       # rows also tested against each other, on the seeds both have
     rows:
       hssf: {method: hssf}
       hssf_no_kl: {method: hssf, set: [hssf.kl_theta=0], seeds: [0, 1]}
@@ -30,13 +31,14 @@ round, per client architecture, the paired two-sided Wilcoxon test against the r
 scores averaged over seeds, labeled passes per client per round, bytes and seconds per round; Markdown,
 CSV and LaTeX, and ``curves.png``: pooled validation Dice per round, mean and band (min-max) over seeds.
 The table says whether its floor holds: the ``public_only`` row must clear the all-foreground row by at
-least 15 pooled test Dice, or the table is marked as no evidence.
+least 15 pooled test Dice, or the table is marked as no evidence. ``pairs`` adds a section below the
+table: for each pair (A, B), on the seeds both rows have, the mean ± std over those seeds of pooled test
+Dice and HD95 of each, B - A, and the same Wilcoxon test of B against A.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -54,7 +56,7 @@ FLOOR = "all_foreground"
 PUBLIC_ONLY = "public_only"
 FLOOR_MARGIN = 15.0  # pooled test Dice points public_only must clear all_foreground by
 ROW_KEYS = {"method", "set", "seeds", "labeled_passes"}
-STUDY_KEYS = {"name", "base", "seeds", "reference", "set", "rows", "floor", "runs", "logs"}
+STUDY_KEYS = {"name", "base", "seeds", "reference", "set", "rows", "floor", "runs", "logs", "pairs"}
 COPIED = ("config.yaml", "metrics.jsonl", "results.json", "train.log", "test/per_image.csv",
           "test/summary.json", "test_last/per_image.csv", "test_last/summary.json")
 
@@ -99,6 +101,16 @@ def load_study(path) -> dict:
         rows[name] = row
     if s["reference"] not in rows:
         raise StudyError(f"{path}: reference {s['reference']!r} is not a row ({', '.join(rows)})")
+    pairs = s.get("pairs") or []
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise StudyError(f"{path}: pairs must be a list of [row, row]")
+    for a, b in pairs:
+        for r in (a, b):
+            if r not in rows:
+                raise StudyError(f"{path}: pairs: {r!r} is not a row ({', '.join(rows)})")
+        if a == b:
+            raise StudyError(f"{path}: pairs: [{a}, {b}] pairs a row with itself")
+    s["pairs"] = [list(p) for p in pairs]
     s["rows"] = rows
     s["runs"] = Path(s.get("runs") or ROOT / "runs" / "study" / s["name"])
     s["logs"] = Path(s.get("logs") or ROOT / "logs" / "study" / s["name"])
@@ -305,9 +317,51 @@ def build_table(study: dict, cfgs: dict) -> Optional[dict]:
         notes.append(f"Partial: {done} of {total} cells finished; rows show the seeds they have.")
     out = study["logs"]
     write_seed_outputs(result, out, f"Study {study['name']} (reference {study['reference']})", notes)
+    lines = pair_section(by, study["pairs"])
+    if lines:
+        table = out / "table.md"
+        table.write_text(table.read_text().rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
     ref_cfg = cfgs[(study["reference"], study["rows"][study["reference"]]["seeds"][0])]
     plot_curves(rows, out / "curves.png", study["name"], ref_cfg.train.warmup_rounds)
     return result
+
+
+def pair_section(rows: dict, pairs: List[List[str]]) -> List[str]:
+    """Markdown: each pair (A, B) of finished rows on the seeds both have: mean ± std over those seeds of
+    pooled test Dice and HD95 (best-validation checkpoints), B - A, and the paired Wilcoxon test of B
+    against A on the per-image scores averaged over those seeds."""
+    import dataclasses
+
+    from utils.compare import AVG, TEST_NAME, _md_table, compare_seeds, fmt_p
+
+    body = []
+    for a, b in pairs:
+        if a not in rows or b not in rows:
+            continue
+        seeds = sorted({Path(r.path).name for r in rows[a].best} & {Path(r.path).name for r in rows[b].best})
+        if not seeds:
+            continue
+
+        def keep(row):
+            on = [i for i, r in enumerate(row.best) if Path(r.path).name in seeds]
+            return dataclasses.replace(row, best=[row.best[i] for i in on], last=[row.last[i] for i in on],
+                                       curves=[row.curves[i] for i in on if i < len(row.curves)])
+
+        res = compare_seeds([keep(rows[a]), keep(rows[b])], a)
+        ra, rb = (next(r for r in res["rows"] if r["label"] == x) for x in (a, b))
+        cells = [f"{b} vs {a}", ", ".join(seeds)]
+        for m in ("dice", "hd95"):
+            sa, sb = ra["seeds"][f"{m}_best_all"], rb["seeds"][f"{m}_best_all"]
+            fmt = lambda st: f"{st['mean']:.2f} ± {st['std']:.2f}" if st["n"] > 1 else f"{st['mean']:.2f}"  # noqa: E731
+            cells += [fmt(sa), fmt(sb), f"{sb['mean'] - sa['mean']:+.2f}", fmt_p(rb["tests"][m][AVG]["p"])]
+        body.append(cells)
+    if not body:
+        return []
+    head = ["pair (B vs A)", "seeds", "Dice A", "Dice B", "Dice B - A", "p Dice", "HD95 A", "HD95 B",
+            "HD95 B - A", "p HD95"]
+    return (["### Pairs", "", f"Each pair on the seeds both rows have: pooled test scores at the best-validation "
+             f"checkpoints, mean ± std over those seeds; p: {TEST_NAME} of B against A on the per-image scores "
+             f"averaged over those seeds.", ""] + _md_table(head, body))
 
 
 def plot_curves(rows, path: Path, title: str, warmup: int = 0) -> Optional[Path]:

@@ -75,6 +75,28 @@ def test_compare_seeds_tests_the_seed_averaged_images_against_the_reference():
         compare_seeds(rows + [SeedRow("again", ref, ref, {})], "ref", ["dice"])
 
 
+def test_pairs_are_tested_on_the_seeds_both_rows_have(tmp_path):
+    """``pairs``: B against A on their common seeds only (A's third seed left out of both the means and the
+    per-image averages); a pair with a row not finished yet is left out; a bad pair is refused."""
+    a = [_run(f"a/s{k}", _imgs([50 + k + i for i in range(10)], [5.0] * 10)) for k in range(3)]
+    b = [_run(f"b/s{k}", _imgs([40 + k + i for i in range(10)], [6.0] * 10)) for k in range(2)]
+    rows = {"a": SeedRow("a", a, a, {}), "b": SeedRow("b", b, b, {})}
+    lines = S.pair_section(rows, [["a", "b"], ["a", "missing"]])
+    body = [line for line in lines if line.startswith("| b vs a")]
+    assert len(body) == 1 and len([line for line in lines if line.startswith("| ")]) == 2  # head + one pair
+    cells = [c.strip() for c in body[0].strip("|").split("|")]
+    # on s0 and s1: a pools 54.5 and 55.5, b 44.5 and 45.5; every image 10 lower: exact p = 2 / 2**10
+    assert cells[:6] == ["b vs a", "s0, s1", "55.00 ± 0.71", "45.00 ± 0.71", "-10.00", "0.002"]
+    assert cells[6:9] == ["5.00 ± 0.00", "6.00 ± 0.00", "+1.00"]
+    assert S.pair_section(rows, [["a", "missing"]]) == []
+    study = {"name": "t", "base": "b.yaml", "rows": {"a": {}, "b": {}}}
+    for bad, msg in (([["a", "c"]], "'c' is not a row"), ([["a", "a"]], "with itself"), ([["a"]], "list of")):
+        f = tmp_path / "s.yaml"
+        f.write_text(yaml.safe_dump({**study, "pairs": bad}))
+        with pytest.raises(S.StudyError, match=msg):
+            S.load_study(f)
+
+
 def _write_study(tmp_path, rows, seeds=(0, 1), **extra):
     base = tmp_path / "base.yaml"
     # the tiny federation of the other tests, as a base config file
