@@ -98,8 +98,13 @@ SPEED_DEFAULT = ["train.rounds=2", "train.warmup_rounds=1", "data.size=32"]
 #: deployment variants of --speed: key -> (name, deploy() arguments)
 VARIANTS = {"tls": ("deployment, TLS, site processes (default)", {}),
             "insecure": ("deployment, insecure, site processes", {"insecure": True}),
-            "flower_poll": ("deployment, TLS, site processes, Flower's 3 s SuperNode poll", {"node_poll_s": 3.0}),
-            "per_message": ("deployment, TLS, a process per message", {"site_processes": False})}
+            "cold": ("deployment, TLS, site processes, a flwr-clientapp process per message", {"warm": False}),
+            "flower_poll": ("deployment, TLS, site processes, Flower's SuperNode (3 s poll, 30 s heartbeat, "
+                            "a flwr-clientapp process per message)", {"node_poll_s": 3.0, "heartbeat_s": 30.0,
+                                                                      "warm": False}),
+            "per_message": ("deployment, TLS, no site processes, Flower's SuperNode (the party rebuilt from "
+                            "disk for every message)", {"site_processes": False, "node_poll_s": 3.0,
+                                                         "heartbeat_s": 30.0, "warm": False})}
 
 
 def speed(a) -> int:

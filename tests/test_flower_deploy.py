@@ -264,3 +264,32 @@ def test_the_supernode_waits_at_most_its_poll_interval(monkeypatch):
         supernode.main(["--poll-s", "0"])
     with pytest.raises(SystemExit, match="refuses less than 10"):
         supernode.main(["--poll-s", "1", "--heartbeat-s", "5"])
+
+
+def test_the_supernode_starts_one_warm_process_for_its_clientapps(monkeypatch):
+    """Where Flower's SuperNode starts ``flower-superexec`` (a new ``flwr-clientapp`` per message), the warm
+    SuperNode starts ``python -m fed.flower.warm`` with the same arguments; any other command is left
+    alone; ``cold`` leaves Flower's way; the warm process refuses to install dependencies."""
+    import inspect
+    import subprocess
+    import sys
+
+    import flwr.supernode.start_client_internal as loop
+    from fed.flower import supernode, warm
+
+    assert 'command = ["flower-superexec"]' in inspect.getsource(loop)  # what the SuperNode starts
+    monkeypatch.setattr(loop, "time", loop.time)
+    monkeypatch.setattr(loop, "subprocess", loop.subprocess)
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, *a, **k: started.append(list(cmd)))
+    supernode.patch(0.1, 10, warm=True)
+    args = ["--insecure", "--runtime-api-address", "127.0.0.1:9", "--parent-pid", "7"]
+    loop.subprocess.Popen(["flower-superexec", *args])
+    loop.subprocess.Popen(["something-else", "x"])
+    assert started == [[sys.executable, "-m", "fed.flower.warm", *args], ["something-else", "x"]]
+    assert loop.subprocess.PIPE is subprocess.PIPE
+    monkeypatch.setattr(loop, "subprocess", subprocess)
+    supernode.patch(0.1, 10, warm=False)
+    assert loop.subprocess is subprocess
+    with pytest.raises(SystemExit):
+        warm.main([*args, "--allow-runtime-dependency-installation"])

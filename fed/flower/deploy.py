@@ -339,7 +339,7 @@ def service_env(home: Path, base: Optional[dict] = None) -> dict:
 
 def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, on_start=None,
            poll_s: float = 0.5, insecure: bool = False, intruders: int = 0, site_processes: bool = True,
-           node_poll_s: float = DEFAULT_POLL_S, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> dict:
+           node_poll_s: float = DEFAULT_POLL_S, heartbeat_s: float = DEFAULT_HEARTBEAT_S, warm: bool = True) -> dict:
     """Run ``cfg`` on a loopback deployment in ``workdir``; returns ``status.json`` plus ``pids`` (the
     services started), ``transport`` and ``wall_s``. ``on_start(services, status_path)`` is called once
     ``flwr run`` has submitted the run (tests use it to kill a site). Every started process is stopped
@@ -355,7 +355,8 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
     it every message is served by the ``flwr-clientapp`` process Flower starts for it. ``node_poll_s``:
     the longest a SuperNode waits before asking its SuperLink for work again (:mod:`fed.flower.supernode`;
     3 is Flower's own ``flower-supernode``); ``heartbeat_s``: a SuperNode silent for twice this is gone, and
-    only then may it join again (Flower's own: 30)."""
+    only then may it join again (Flower's own: 30); ``warm``: each SuperNode serves its ClientApp tasks in
+    one process (:mod:`fed.flower.warm`) instead of a fresh ``flwr-clientapp`` per message."""
     import yaml
 
     t0 = time.time()
@@ -419,7 +420,7 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
                 "--root-certificates", str(secure["tls"]["ca"]),
                 "--auth-supernode-private-key", str(secure["nodes"][key]["private"])]
             return [sys.executable, "-m", "fed.flower.supernode", "--poll-s", f"{node_poll_s:g}",
-                    "--heartbeat-s", f"{heartbeat_s:g}", *security,
+                    "--heartbeat-s", f"{heartbeat_s:g}", *([] if warm else ["--cold"]), *security,
                     "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(free_port()),
                     "--node-config", node_config(node)]
 
@@ -534,6 +535,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heartbeat-s", type=float, default=DEFAULT_HEARTBEAT_S,
                     help="a SuperNode silent for twice this many seconds counts as gone, and may then join again "
                          "(at least 10; Flower's own: 30)")
+    ap.add_argument("--cold", action="store_true",
+                    help="a fresh flwr-clientapp process per message, as Flower's SuperNode (default: one warm "
+                         "process per site serves them, fed.flower.warm)")
     ap.add_argument("--insecure", action="store_true",
                     help="no TLS and no SuperNode authentication (default: TLS with a private CA made for this "
                          "deployment, and only the sites' registered keys may join)")
@@ -546,7 +550,7 @@ def main(argv=None) -> int:
     else:
         cfg = load_config(a.config or str(REPO / "configs" / "demo.yaml"), a.overrides)
     out = deploy(cfg, workdir, timeout_s=a.timeout, resume=a.resume, insecure=a.insecure,
-                 node_poll_s=a.node_poll_s, heartbeat_s=a.heartbeat_s)
+                 node_poll_s=a.node_poll_s, heartbeat_s=a.heartbeat_s, warm=not a.cold)
     print(json.dumps({k: v for k, v in out.items() if k != "results"}, indent=1, default=str))
     return 0 if out.get("ok") else 1
 

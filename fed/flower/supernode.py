@@ -10,24 +10,40 @@ This entry point is ``flower-supernode`` with every one of those waits capped at
 (default 0.1), and with heartbeats every few seconds that say "count me gone after 2 x ``--heartbeat-s``
 seconds of silence" (default 10, Flower's least; Flower's own: 30). A site whose machine failed is
 then free to join again with the same key after 20 s instead of a minute: until the SuperLink has
-counted the old connection gone, it refuses the new one. It takes ``flower-supernode``'s own arguments
-after its own::
+counted the old connection gone, it refuses the new one. And it serves its ClientApp tasks in one warm
+process (:mod:`fed.flower.warm`) instead of a fresh ``flwr-clientapp`` process per message (``--cold``:
+Flower's way). It takes ``flower-supernode``'s own arguments after its own (in this order)::
 
-    python -m fed.flower.supernode --poll-s 0.1 --heartbeat-s 10 --superlink HOST:9092 --root-certificates ca.pem ...
+    python -m fed.flower.supernode [--poll-s 0.1] [--heartbeat-s 10] [--cold] --superlink HOST:9092 --root-certificates ca.pem ...
 
-The cost is one small request to the SuperLink every ``--poll-s`` seconds while the node is idle, and a
-heartbeat every 4 s instead of every 20 s. Nothing else changes: the same SuperNode code, TLS,
-authentication and messages. ``python -m fed.flower.deploy`` starts its SuperNodes this way
-(``--node-poll-s``; ``--node-poll-s 3`` and ``--heartbeat-s 30`` give Flower's own behaviour back).
+The cost is one small request to the SuperLink every ``--poll-s`` seconds while the node is idle, a
+heartbeat every 4 s instead of every 20 s, and the site's ClientApps sharing one process. The SuperNode's
+code, TLS, authentication and the messages are Flower's. ``python -m fed.flower.deploy`` starts its
+SuperNodes this way (``--node-poll-s``, ``--heartbeat-s``, ``--cold``; ``--node-poll-s 3 --heartbeat-s 30
+--cold`` is Flower's own behaviour).
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from typing import List, Optional
 
 DEFAULT_POLL_S = 0.1
 DEFAULT_HEARTBEAT_S = 10.0
+
+
+class _WarmExec:
+    """The ``subprocess`` module as the SuperNode sees it, whose ``Popen`` starts :mod:`fed.flower.warm` (one
+    process serving every ClientApp task) where the SuperNode starts ``flower-superexec``."""
+
+    def Popen(self, command, *args, **kw):  # noqa: N802 - subprocess's name
+        if list(command[:1]) == ["flower-superexec"]:
+            command = [sys.executable, "-m", "fed.flower.warm", *command[1:]]
+        return subprocess.Popen(command, *args, **kw)
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
 
 
 class _CappedSleep:
@@ -43,15 +59,16 @@ class _CappedSleep:
         return getattr(time, name)
 
 
-def patch(poll_s: float, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> None:
-    """Cap the sleeps of Flower's SuperNode loop (``flwr.supernode.start_client_internal``) at ``poll_s``
-    and make the SuperNode declare (and keep) a heartbeat interval of ``heartbeat_s``."""
+def patch(poll_s: float, heartbeat_s: float = DEFAULT_HEARTBEAT_S, warm: bool = True) -> None:
+    """Cap the sleeps of Flower's SuperNode loop (``flwr.supernode.start_client_internal``) at ``poll_s``,
+    make the SuperNode declare (and keep) a heartbeat interval of ``heartbeat_s`` and, with ``warm``, serve
+    its ClientApp tasks in one process (:mod:`fed.flower.warm`) instead of a new one per message."""
     import flwr.supercore.heartbeat as beat
     import flwr.supernode.fleet_http_connection as fleet
     import flwr.supernode.start_client_internal as loop
     from flwr.common.constant import HEARTBEAT_MIN_INTERVAL
 
-    missing = [f"{m.__name__}.{n}" for m, n in ((loop, "time"), (fleet, "HEARTBEAT_DEFAULT_INTERVAL"),
+    missing = [f"{m.__name__}.{n}" for m, n in ((loop, "time"), (loop, "subprocess"), (fleet, "HEARTBEAT_DEFAULT_INTERVAL"),
                                                  (beat, "HEARTBEAT_DEFAULT_INTERVAL")) if not hasattr(m, n)]
     if missing:
         raise RuntimeError(f"this Flower's SuperNode has no {', '.join(missing)} to set: use flower-supernode "
@@ -59,6 +76,8 @@ def patch(poll_s: float, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> None:
     if heartbeat_s < HEARTBEAT_MIN_INTERVAL:
         raise ValueError(f"--heartbeat-s {heartbeat_s:g}: the SuperLink refuses less than {HEARTBEAT_MIN_INTERVAL}")
     loop.time = _CappedSleep(poll_s)
+    if warm:
+        loop.subprocess = _WarmExec()
     fleet.HEARTBEAT_DEFAULT_INTERVAL = beat.HEARTBEAT_DEFAULT_INTERVAL = heartbeat_s
 
 
@@ -82,8 +101,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     poll_s = _seconds(argv, "--poll-s", DEFAULT_POLL_S)
     heartbeat_s = _seconds(argv, "--heartbeat-s", DEFAULT_HEARTBEAT_S)
+    warm = argv[:1] != ["--cold"]
+    if not warm:
+        del argv[:1]
     try:
-        patch(poll_s, heartbeat_s)
+        patch(poll_s, heartbeat_s, warm)
     except ValueError as e:
         sys.exit(str(e))
     from flwr.supernode.cli.flower_supernode import flower_supernode
