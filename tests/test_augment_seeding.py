@@ -101,7 +101,7 @@ def test_weak_strong_and_mask_share_one_geometric_draw(tmp_path, monkeypatch, mo
 
 def test_loaders_take_the_setting_from_the_config(tmp_path):
     ds = SegDataset(_asym_items(tmp_path), 16, "unlabeled")
-    assert load_config().data.augment_seeding == "free"
+    assert load_config().data.augment_seeding == "official"  # as the official code
     for mode in MODES:
         d = load_config(None, [f"data.augment_seeding={mode}", "data.num_workers=0"]).data
         loader = build_loader(ds, d, torch.device("cpu"))

@@ -18,6 +18,7 @@ def test_defaults_follow_the_official_code():
     assert cfg.hssf.confide_theta == 4 and cfg.hssf.kl_theta == 10 and cfg.hssf.temperature == 2
     assert cfg.hssf.rpg_threshold == 0.3 and cfg.hssf.sample_threshold == 0.75
     assert cfg.data.size == 384 and cfg.data.batch_size == 4 and cfg.data.shuffle is False
+    assert cfg.data.augment_seeding == "official"  # each sample's augmentation seed one of 42
     assert cfg.models.server == "resnet101"
     assert cfg.models.clients == ["resnet18", "resnet18", "resnet34", "resnet34"]
 

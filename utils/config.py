@@ -109,14 +109,14 @@ SCHEMA: Dict[str, Any] = {
                            check=non_negative),
         "shuffle": Key(False, bool, "Shuffle training loaders. The official code does not (faithful "
                        "default: false)."),
-        "augment_seeding": Key("free", str, "Per-sample augmentation seeds of the training loaders. "
-                               "`free`: a fresh keyed seed per sample and pass. `official`: the official "
-                               "code's quirk (it re-seeds its generators before each view with a seed drawn "
-                               "from 42 values): each sample's seed is one of 42, drawn per sample and pass, "
-                               "so its geometric draw (shared by its weak and strong views and mask), "
-                               "RandAugment draw and cutout are one of 42. The data order is the same in both; "
-                               "public-set noise is unaffected. Both are offered; the default is decided by a "
-                               "measurement reported in docs/reproducing.md (\"Differences from the official code\").",
+        "augment_seeding": Key("official", str, "Per-sample augmentation seeds of the training loaders. "
+                               "`official` (default, as the official code, which re-seeds its generators "
+                               "before each view with a seed drawn from 42 values): each sample's seed is one "
+                               "of 42, drawn per sample and pass, so its geometric draw (shared by its weak and "
+                               "strong views and mask), RandAugment draw and cutout are one of 42. `free`: a "
+                               "fresh keyed seed per sample and pass (the default before 2026-12-07). The data "
+                               "order is the same in both; public-set noise is unaffected. The study measured "
+                               "free no better (HSSF) or worse (local) than official: docs/results.md.",
                                choices=["free", "official"]),
         "cache": Key(True, bool, "Keep resized images in memory (read each file once)."),
         "verify": Key(True, bool, "Check every file of the run before training (`python -m "
