@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import Callable, Dict, Optional
 
-POLL_S = 0.02  # how often the idle process asks its SuperNode for a task
+POLL_S = 0.05  # how often the idle process asks its SuperNode for a task (each ask is an HTTP request)
 
 
 def serve_task(address: str, token: str, insecure: bool, certificates: Optional[bytes],
