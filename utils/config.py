@@ -116,7 +116,8 @@ SCHEMA: Dict[str, Any] = {
                                "strong views and mask), RandAugment draw and cutout are one of 42. `free`: a "
                                "fresh keyed seed per sample and pass (the default before 2026-12-07). The data "
                                "order is the same in both; public-set noise is unaffected. The study measured "
-                               "free no better (HSSF) or worse (local) than official: docs/results.md.",
+                               "free no better (HSSF) or worse (local) than official over 3 seeds: "
+                               "docs/reproducing.md.",
                                choices=["free", "official"]),
         "cache": Key(True, bool, "Keep resized images in memory (read each file once)."),
         "verify": Key(True, bool, "Check every file of the run before training (`python -m "
