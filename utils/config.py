@@ -181,6 +181,11 @@ SCHEMA: Dict[str, Any] = {
         "min_sites": Key(0, int, "Flower engines: the fewest sites a run goes on with after losing sites "
                          "(see `train.site_timeout_s`); 0: all of them (a lost site stops the run).",
                          check=non_negative),
+        "rejoin_wait_s": Key(0.0, float, "Flower engines: before a round, how long the server waits for lost "
+                             "sites to be back (their node on the grid again) before it starts the round "
+                             "without them; 0: it looks once. A site that restarts after a failure then "
+                             "takes part from the next round on, however fast the rounds are.",
+                             check=non_negative),
     },
     "output": {
         "dir": Key("runs/{name}", str, "Run directory; `{name}` is replaced by `name`."),

@@ -253,18 +253,24 @@ class FlowerHost(ClientHost):
         """Lost sites that are back: every node on the grid that no site in the run holds is asked who it
         is (``hello``); each that is one of ``names`` (a lost site, same site name and architecture) is
         set up again for this run. Nodes that do not answer within ``train.site_timeout_s`` (30 s if
-        unset) are left alone. Returns the clients set up again (their party as built from the config:
-        the runner then loads their own last saved state)."""
-        held = {self.node[n] for n in self.names if n not in names and n in self.node}
-        fresh = [i for i in self.grid.get_node_ids() if i not in held]
-        if not fresh:
-            return []
+        unset) are left alone. Until every one of ``names`` is back, new nodes are looked for every 0.5 s
+        for ``train.rejoin_wait_s`` seconds. Returns the clients set up again (their party as built from
+        the config: the runner then loads their own last saved state)."""
+        end = time.time() + self.cfg.train.rejoin_wait_s
         timeout = self.cfg.train.site_timeout_s or RECOVER_TIMEOUT_S
-        problems: list = []
-        found = self._hello(fresh, names, problems, timeout)
-        back = self._setup_sites(found, problems, timeout) if found else []
-        for n in back:
-            self.node[n] = found[n]
+        asked, back, problems = set(), [], []
+        while True:
+            held = {self.node[n] for n in self.names if n not in names and n in self.node}
+            fresh = [i for i in self.grid.get_node_ids() if i not in held and i not in asked]
+            if fresh:
+                asked.update(fresh)
+                found = self._hello(fresh, [n for n in names if n not in back], problems, timeout)
+                for n in self._setup_sites(found, problems, timeout) if found else []:
+                    self.node[n] = found[n]
+                    back.append(n)
+            if len(back) == len(names) or time.time() >= end:
+                break
+            time.sleep(0.5)
         if problems and self.runner.logger is not None:
             self.runner.logger.log.warning("while looking for lost sites: " + "; ".join(problems))
         return back
