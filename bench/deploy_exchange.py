@@ -13,10 +13,11 @@ federation of the tests (2 sites, 2 rounds, 1 warm-up). Run it on a quiet machin
 
 runs one config in this process and on deployments side by side, and prints each one's time per round
 (``metrics.jsonl``), start-up (wall time less the rounds) and wall time: in process; a TLS deployment
-with each site's long-lived process (``fed.flower.sited``) and SuperNodes that look for work every 0.1 s
-(``fed.flower.supernode``; both the default); an insecure one; one whose SuperNodes wait as Flower's
-own (3 s); a TLS deployment with a fresh ``flwr-clientapp`` process serving every message
-(``--variants`` picks some). Default: the demo at 32 px, 2 rounds (1 warm-up).
+with each site's long-lived process (``fed.flower.sited``) and ``fed.flower.supernode``'s SuperNodes
+(both the default: ``tls``); ``insecure``; ``cold`` (a fresh ``flwr-clientapp`` process per message);
+``flower_poll`` (Flower's own SuperNode: 3 s poll, 30 s heartbeat, cold); ``per_message`` (Flower's own
+SuperNode and no site processes: the party rebuilt from disk for every message). ``--variants`` picks
+some. Default: the demo at 32 px, 2 rounds (1 warm-up).
 """
 from __future__ import annotations
 
@@ -95,16 +96,16 @@ def main(argv=None) -> int:
 
 
 SPEED_DEFAULT = ["train.rounds=2", "train.warmup_rounds=1", "data.size=32"]
+#: deploy() arguments that start Flower's own SuperNode behaviour (fed.flower.supernode's flags undone)
+FLOWER_SUPERNODE = {"node_poll_s": 3.0, "heartbeat_s": 30.0, "warm": False}
 #: deployment variants of --speed: key -> (name, deploy() arguments)
 VARIANTS = {"tls": ("deployment, TLS, site processes (default)", {}),
             "insecure": ("deployment, insecure, site processes", {"insecure": True}),
             "cold": ("deployment, TLS, site processes, a flwr-clientapp process per message", {"warm": False}),
             "flower_poll": ("deployment, TLS, site processes, Flower's SuperNode (3 s poll, 30 s heartbeat, "
-                            "a flwr-clientapp process per message)", {"node_poll_s": 3.0, "heartbeat_s": 30.0,
-                                                                      "warm": False}),
+                            "a flwr-clientapp process per message)", FLOWER_SUPERNODE),
             "per_message": ("deployment, TLS, no site processes, Flower's SuperNode (the party rebuilt from "
-                            "disk for every message)", {"site_processes": False, "node_poll_s": 3.0,
-                                                         "heartbeat_s": 30.0, "warm": False})}
+                            "disk for every message)", {"site_processes": False, **FLOWER_SUPERNODE})}
 
 
 def speed(a) -> int:

@@ -332,7 +332,7 @@ def pair_section(rows: dict, pairs: List[List[str]]) -> List[str]:
     against A on the per-image scores averaged over those seeds."""
     import dataclasses
 
-    from utils.compare import AVG, TEST_NAME, _md_table, compare_seeds, fmt_p
+    from utils.compare import AVG, TEST_NAME, _md_table, _seed_cell, compare_seeds, fmt_p
 
     body = []
     for a, b in pairs:
@@ -352,8 +352,7 @@ def pair_section(rows: dict, pairs: List[List[str]]) -> List[str]:
         cells = [f"{b} vs {a}", ", ".join(seeds)]
         for m in ("dice", "hd95"):
             sa, sb = ra["seeds"][f"{m}_best_all"], rb["seeds"][f"{m}_best_all"]
-            fmt = lambda st: f"{st['mean']:.2f} ± {st['std']:.2f}" if st["n"] > 1 else f"{st['mean']:.2f}"  # noqa: E731
-            cells += [fmt(sa), fmt(sb), f"{sb['mean'] - sa['mean']:+.2f}", fmt_p(rb["tests"][m][AVG]["p"])]
+            cells += [_seed_cell(sa), _seed_cell(sb), f"{sb['mean'] - sa['mean']:+.2f}", fmt_p(rb["tests"][m][AVG]["p"])]
         body.append(cells)
     if not body:
         return []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+
 def _atomic_write(path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

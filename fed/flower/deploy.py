@@ -418,6 +418,7 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
                 for f in (SITED_INFO, SITED_KEY):  # an earlier deployment's
                     (Path(node["site-dir"]) / f).unlink(missing_ok=True)
                 svc.start(f"site{k}", [sys.executable, "-m", "fed.flower.sited", "--site-dir", node["site-dir"]])
+
         def supernode(key: int, node: dict) -> List[str]:  # the SuperNode with key pair ``key`` serving ``node``
             security = ["--insecure"] if secure is None else [
                 "--root-certificates", str(secure["tls"]["ca"]),
@@ -506,7 +507,7 @@ def _wait_for(ready, what: str, svc: Services, timeout_s: float, spare=()) -> No
     whose names start with one of ``spare``) stops meanwhile."""
     end = time.time() + timeout_s
     while not ready():
-        dead = [d for d in svc.dead() if not d.startswith(tuple(spare))] if spare else svc.dead()
+        dead = [d for d in svc.dead() if not d.startswith(tuple(spare))]
         if dead:
             raise RuntimeError(f"a service stopped while waiting for {what}: {dead}")
         if time.time() > end:

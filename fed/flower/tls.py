@@ -30,7 +30,6 @@ def _curve():
     return ec.SECP384R1()
 
 
-
 def make_tls(folder: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), days: int = 30) -> dict:
     """A fresh private CA and a server certificate for ``hosts`` (IP addresses or DNS names), signed by
     it; returns the paths ``{"ca", "cert", "key"}``."""
@@ -74,7 +73,7 @@ def make_tls(folder: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), da
     paths["ca"].write_bytes(ca.public_bytes(pem))
     paths["cert"].write_bytes(cert.public_bytes(pem))
     atomic_write_bytes(paths["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
+                                                       serialization.NoEncryption()))
     return paths
 
 
@@ -88,7 +87,7 @@ def make_node_key(folder: Path, name: str) -> dict:
     k = ec.generate_private_key(_curve())
     private, public = folder / name, folder / f"{name}.pub"
     atomic_write_bytes(private, k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                            serialization.NoEncryption()))
+                                                serialization.NoEncryption()))
     public.write_bytes(k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
                        + f" {name}\n".encode())
     return {"private": private, "public": public}

@@ -27,21 +27,27 @@ import time
 import traceback
 from typing import Callable, Dict, Optional
 
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.tls import validate_and_resolve_root_certificates
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
 POLL_S = 0.05  # how often the idle process asks its SuperNode for a task (each ask is an HTTP request)
 
 
 def serve_task(address: str, token: str, insecure: bool, certificates: Optional[bytes],
                load_app: Callable) -> str:
     """Run one ClientApp task (``token``) as ``flwr-clientapp`` would, in this process; its sub-status."""
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
-
     retry = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=certificates,
@@ -83,9 +89,6 @@ class AppCache:
 
     def __call__(self, run, fab):
         if fab.hash_str not in self.apps:
-            from flwr.cli.install import install_from_fab
-            from flwr.clientapp.utils import get_load_client_app_fn
-
             install_from_fab(fab.content, skip_prompt=True)
             load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
             self.apps[fab.hash_str] = load(run.fab_id, run.fab_version, fab.hash_str)
@@ -95,14 +98,6 @@ class AppCache:
 def serve(address: str, insecure: bool, root_certificates_path: Optional[str] = None,
           parent_pid: Optional[int] = None, poll_s: float = POLL_S) -> None:
     """Ask the SuperNode at ``address`` for ClientApp tasks and run each here, until the parent ends."""
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-    from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
-
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     certificates = validate_and_resolve_root_certificates(root_certificates_path, insecure)
