@@ -94,6 +94,48 @@ def test_engine_flag_and_choice():
         make_runner(None, None, engine="grpc")
 
 
+# --- the engine's reading of Flower's errors ----------------------------------------------------------------
+
+def test_flower_errors_that_mean_a_site_is_gone_lose_it_and_others_fail_the_step():
+    """A site killed while it uploads its reply leaves Flower's ``MESSAGE_UNAVAILABLE`` (its reply's objects
+    never came): that site is lost, as for a node that is down, and the run goes on without it; an
+    exception raised in the site's ClientApp is that site's failure."""
+    import types
+
+    from flwr.app import Error, Metadata, RecordDict
+    from flwr.app.message import make_message
+    from flwr.common.constant import ErrorCode
+
+    from fed.flower.engine import FlowerHost
+
+    codes = {"a": ErrorCode.MESSAGE_UNAVAILABLE, "b": ErrorCode.NODE_UNAVAILABLE, "c": ErrorCode.CLIENT_APP_CRASHED,
+             "d": ErrorCode.REPLY_MESSAGE_UNAVAILABLE, "e": ErrorCode.CLIENT_APP_RAISED_EXCEPTION}
+
+    class Grid:
+        def push_messages(self, msgs):
+            return [f"id-{m.dst}" for m in msgs]
+
+        def pull_messages(self, ids):
+            out = []
+            for i in ids:
+                md = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=0, reply_to_message_id=i,
+                              group_id="", created_at=0.0, ttl=0, message_type="train")
+                reply = make_message(metadata=md, error=Error(code=codes[i[3:]], reason="ValueError: bad" if i == "id-e"
+                                                              else "gone"))
+                out.append(reply)
+            return out
+
+    lost = {}
+    host = FlowerHost.__new__(FlowerHost)
+    host.runner = types.SimpleNamespace(lost={}, bytes={}, lose=lambda n, why: lost.setdefault(n, why))
+    host.cfg = types.SimpleNamespace(train=types.SimpleNamespace(site_timeout_s=0))
+    host.grid, host.poll_s = Grid(), 0.0
+    host._message = lambda n, step, msg, kw: types.SimpleNamespace(dst=n, content=RecordDict())
+    got = dict(host.calls(list(codes), "fuse", None, {}))
+    assert sorted(lost) == ["a", "b", "c", "d"] and all(f"on 'fuse'" in why for why in lost.values())
+    assert list(got) == ["e"] and "ValueError: bad" in str(got["e"])
+
+
 # --- a site, message by message, without a simulation ---------------------------------------------------
 
 def _site_message(step, kind, version, n, payload=None, extra=None, **kw):

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from flwr.common.constant import ErrorCode
 
 from fed.core.calls import PARTY_CALLS, ClientFailure, to_device
 from fed.core.hosts import ClientHost
@@ -50,9 +51,11 @@ SITES_DIR = "sites"  # <run>/sites/<client>: the simulated sites' disks
 READ_ONLY = {"evaluate", "weights", "end_round", "save_state", "test_weights"}
 START_TIMEOUT_S = 600.0
 RECOVER_TIMEOUT_S = 30.0  # how long a node that may be a lost site is given to answer, without train.site_timeout_s
-#: Flower's error codes that mean the site is gone (its node is down, its reply will never come, or the
-#: process serving the message died: killed, out of memory)
-LOST_CODES = (5, 4, 8)  # flwr.common.constant.ErrorCode: NODE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, CLIENT_APP_CRASHED
+#: Flower's error codes that mean the site is gone: its node is down, its reply will never come, the
+#: process serving the message died (killed, out of memory), or the message or its reply's objects expired
+#: before they arrived (a site killed while it uploaded its reply)
+LOST_CODES = tuple(getattr(ErrorCode, c) for c in ("NODE_UNAVAILABLE", "REPLY_MESSAGE_UNAVAILABLE",
+                                                     "CLIENT_APP_CRASHED", "MESSAGE_UNAVAILABLE"))
 
 
 
