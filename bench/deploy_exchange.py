@@ -15,14 +15,19 @@ runs one config in this process and on deployments side by side, and prints each
 (``metrics.jsonl``), start-up (wall time less the rounds) and wall time: in process; a TLS deployment
 with each site's long-lived process (``fed.flower.sited``) and ``fed.flower.supernode``'s SuperNodes
 (both the default: ``tls``); ``insecure``; ``cold`` (a fresh ``flwr-clientapp`` process per message);
-``flower_poll`` (Flower's own SuperNode: 3 s poll, 30 s heartbeat, cold); ``per_message`` (Flower's own
-SuperNode and no site processes: the party rebuilt from disk for every message). ``--variants`` picks
-some. Default: the demo at 32 px, 2 rounds (1 warm-up).
+``flower_pulls`` (Flower's 1 s wait before asking again for a message's objects that are not there yet);
+``flower_poll`` (Flower's own SuperNode: 3 s poll, 30 s heartbeat, 1 s object waits, cold);
+``per_message`` (Flower's own SuperNode and no site processes: the party rebuilt from disk for every
+message). ``--variants`` picks some. Default: the demo at 32 px, 2 rounds (1 warm-up). For each
+deployment it then prints where a round's time goes, step by step (``utils/timeline.py``: every process
+of the deployment writes its events to one file): the time from sending a step to its last reply, the
+slowest site's work on it, a site's wait for the message's objects, and the rest.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -97,13 +102,15 @@ def main(argv=None) -> int:
 
 SPEED_DEFAULT = ["train.rounds=2", "train.warmup_rounds=1", "data.size=32"]
 #: deploy() arguments that start Flower's own SuperNode behaviour (fed.flower.supernode's flags undone)
-FLOWER_SUPERNODE = {"node_poll_s": 3.0, "heartbeat_s": 30.0, "warm": False}
+FLOWER_SUPERNODE = {"node_poll_s": 3.0, "heartbeat_s": 30.0, "warm": False, "pull_wait_s": 1.0}
 #: deployment variants of --speed: key -> (name, deploy() arguments)
 VARIANTS = {"tls": ("deployment, TLS, site processes (default)", {}),
             "insecure": ("deployment, insecure, site processes", {"insecure": True}),
             "cold": ("deployment, TLS, site processes, a flwr-clientapp process per message", {"warm": False}),
+            "flower_pulls": ("deployment, TLS, site processes, Flower's 1 s wait for a message's missing objects",
+                             {"pull_wait_s": 1.0}),
             "flower_poll": ("deployment, TLS, site processes, Flower's SuperNode (3 s poll, 30 s heartbeat, "
-                            "a flwr-clientapp process per message)", FLOWER_SUPERNODE),
+                            "1 s object waits, a flwr-clientapp process per message)", FLOWER_SUPERNODE),
             "per_message": ("deployment, TLS, no site processes, Flower's SuperNode (the party rebuilt from "
                             "disk for every message)", {"site_processes": False, **FLOWER_SUPERNODE})}
 
@@ -114,12 +121,13 @@ def speed(a) -> int:
     from fed import load_config
     from fed.core.run import train
     from fed.flower.deploy import deploy
+    from utils import timeline
     from utils.logger import read_metrics
 
     root = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="deploy_speed_"))
     config = a.config or str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
     sets = [*(SPEED_DEFAULT if not a.config else []), *a.overrides, f"data.root={root / 'data'}"]
-    rows = []
+    rows, steps = [], {}
 
     def row(name, work, wall, bytes_key):
         recs = read_metrics(work)
@@ -141,11 +149,16 @@ def speed(a) -> int:
                 continue
             work = root / f"deploy{len(rows)}"
             cfg = load_config(config, [*sets, "device=cpu"])
-            out = deploy(cfg, work, timeout_s=3600, **kw)
+            os.environ[timeline.ENV] = str(root / f"timeline{len(rows)}.jsonl")  # every process of it writes there
+            try:
+                out = deploy(cfg, work, timeout_s=3600, **kw)
+            finally:
+                path = Path(os.environ.pop(timeline.ENV))
             if not out.get("ok") or out.get("remaining"):
                 print(f"{name}: FAILED {out.get('error')} (left running: {out.get('remaining')})", flush=True)
                 continue
             row(name, work / "run", out["wall_s"], "wire_up")
+            steps[name] = timeline.summary(timeline.read(path)) if path.exists() else {}
     finally:
         if not a.workdir:
             shutil.rmtree(root, ignore_errors=True)
@@ -157,6 +170,14 @@ def speed(a) -> int:
         print(f"| {r['run']} | {mean:.1f} s ({', '.join(f'{t:.1f}' for t in r['round_s'])}) | {mean / base:.1f}x | "
               f"{r['startup_s']:.0f} s | {r['wall_s']:.0f} s | {', '.join(f'{b:,}' for b in r['up_per_round'])} | "
               f"{r['dice']:.2f} |")
+    print("\nround by round, x in process: " + "; ".join(
+        f"{r['run']}: " + ", ".join(f"{t / b:.2f}x" for t, b in zip(r["round_s"], rows[0]["round_s"])) for r in rows[1:]))
+    for name, table in steps.items():  # where a deployment's round goes, per step (utils/timeline.py)
+        print(f"\n{name}: per message, mean over the run (s; work: the slowest site's step; pull: a site's "
+              f"wait for the message; rest: all but the work)")
+        print("| step | messages | sent to last reply | work | pull | rest |\n|---|---:|---:|---:|---:|---:|")
+        for step, v in table.items():
+            print(f"| {step} | {v['n']} | {v['rtt']:.2f} | {v['work']:.2f} | {v['pull']:.2f} | {v['rest']:.2f} |")
     return 0
 
 

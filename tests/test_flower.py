@@ -127,7 +127,7 @@ def test_flower_errors_that_mean_a_site_is_gone_lose_it_and_others_fail_the_step
 
     lost = {}
     host = FlowerHost.__new__(FlowerHost)
-    host.runner = types.SimpleNamespace(lost={}, bytes={}, lose=lambda n, why: lost.setdefault(n, why))
+    host.runner = types.SimpleNamespace(lost={}, bytes={}, round=0, lose=lambda n, why: lost.setdefault(n, why))
     host.cfg = types.SimpleNamespace(train=types.SimpleNamespace(site_timeout_s=0))
     host.grid, host.poll_s = Grid(), 0.0
     host._message = lambda n, step, msg, kw: types.SimpleNamespace(dst=n, content=RecordDict())

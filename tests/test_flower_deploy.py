@@ -233,7 +233,78 @@ def test_services_run_from_the_python_the_launcher_runs_under(tmp_path):
     assert (bindir / "flower-superexec").exists(), "requirements-flower.txt installs flower-superexec beside python"
 
 
-def test_the_supernode_waits_at_most_its_poll_interval(monkeypatch):
+@pytest.fixture
+def flower_pull_defaults(monkeypatch):
+    """Flower's object-pulling defaults, put back after the test (``quick_pulls`` changes them in-process)."""
+    from flwr.supercore.inflatable import inflatable_utils as objects
+
+    for fn in (objects.pull_objects, objects.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(fn, "__kwdefaults__", dict(fn.__kwdefaults__))
+    return objects
+
+
+def test_quick_pulls_ask_again_for_a_missing_object_after_20_ms(flower_pull_defaults, monkeypatch):
+    """An object not there yet is asked for again after 0.02 s (doubling, at most 0.5 s) instead of Flower's
+    1 s (up to 10 s), by both of Flower's pulling functions; Flower's callers (ServerApp grid, SuperNode,
+    ClientApp runtime) use the defaults, so the change reaches them."""
+    import inspect
+    import threading
+    import types
+
+    import flwr.superlink.grid.http_grid as grid
+    import flwr.supernode.runtime.run_clientapp as clientapp
+    import flwr.supernode.start_client_internal as loop
+    from fed.flower import supernode
+
+    objects = flower_pull_defaults
+    for module in (grid, clientapp, loop):
+        assert "initial_backoff" not in inspect.getsource(module), module.__name__
+
+    waits = []
+
+    class Event:  # records the waits between tries instead of waiting
+        def __init__(self):
+            self.flag = False
+
+        def is_set(self):
+            return self.flag
+
+        def set(self):
+            self.flag = True
+
+        def wait(self, seconds):
+            waits.append(seconds)
+            return self.flag
+
+    monkeypatch.setattr(objects, "threading", types.SimpleNamespace(Event=Event, Lock=threading.Lock))
+    tries = {"a": 0}
+
+    def pull(object_id):
+        tries[object_id] += 1
+        if tries[object_id] < 8:
+            raise objects.ObjectUnavailableError(object_id)
+        return b"x"
+
+    def run():
+        waits.clear()
+        tries["a"] = 0
+        assert objects.pull_objects(["a"], pull) == {"a": b"x"}
+        return [round(w, 3) for w in waits]
+
+    before = run()
+    assert len(before) == 7 and 0.8 <= before[0] <= 1.2 and max(before) > 8  # Flower's: 1 s, doubling to 10 s
+    supernode.quick_pulls()
+    after = run()
+    assert len(after) == 7 and 0.016 <= after[0] <= 0.024 and max(after) <= 0.5 * 1.2
+    assert all(b > 0 for b in after) and sum(after) < 2.5
+    kw = objects.pull_and_inflate_object_from_tree.__kwdefaults__
+    assert (kw["initial_backoff"], kw["backoff_cap"]) == (0.02, 0.5)
+    supernode.quick_pulls(1.0)  # Flower's own
+    again = run()
+    assert 0.8 <= again[0] <= 1.2 and max(again) > 8
+
+
+def test_the_supernode_waits_at_most_its_poll_interval(monkeypatch, flower_pull_defaults):
     """``python -m fed.flower.supernode --poll-s S --heartbeat-s H`` is Flower's SuperNode loop with every
     sleep of that loop (3 s when idle, 0.5 s while its ClientApp works) capped at S, and heartbeats that
     declare H; the loop still sleeps through a module-level ``time`` and the connection declares the
@@ -268,9 +339,9 @@ def test_the_supernode_waits_at_most_its_poll_interval(monkeypatch):
         supernode.main(["--poll-s", "1", "--heartbeat-s", "5"])
 
 
-def test_the_supernode_starts_one_warm_process_for_its_clientapps(monkeypatch):
+def test_the_supernode_starts_one_warm_process_for_its_clientapps(monkeypatch, flower_pull_defaults):
     """Where Flower's SuperNode starts ``flower-superexec`` (a new ``flwr-clientapp`` per message), the warm
-    SuperNode starts ``python -m fed.flower.warm`` with the same arguments; any other command is left
+    SuperNode starts ``python -m fed.flower.warm`` with the same arguments (and its object wait); any other command is left
     alone; ``cold`` leaves Flower's way; the warm process refuses to install dependencies."""
     import inspect
     import subprocess
@@ -288,7 +359,7 @@ def test_the_supernode_starts_one_warm_process_for_its_clientapps(monkeypatch):
     args = ["--insecure", "--runtime-api-address", "127.0.0.1:9", "--parent-pid", "7"]
     loop.subprocess.Popen(["flower-superexec", *args])
     loop.subprocess.Popen(["something-else", "x"])
-    assert started == [[sys.executable, "-m", "fed.flower.warm", *args], ["something-else", "x"]]
+    assert started == [[sys.executable, "-m", "fed.flower.warm", "--pull-wait-s", "0.02", *args], ["something-else", "x"]]
     assert loop.subprocess.PIPE is subprocess.PIPE
     monkeypatch.setattr(loop, "subprocess", subprocess)
     supernode.patch(0.1, 10, warm=False)

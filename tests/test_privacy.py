@@ -33,7 +33,8 @@ from fed import load_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUMBER = (int, float, type(None))
-RUN_LEVEL = {"evaluate", "test_weights", "end_round", "weights", "begin_round", "rollback", "save_state", "load_state"}
+RUN_LEVEL = {"evaluate", "test_weights", "end_round", "weights", "keep_weights", "kept_weights", "begin_round", "rollback",
+             "save_state", "load_state"}
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def _check_run_level(cfg, seen, model_keys):
         elif step == "end_round":
             assert set(reply) == {"loss", "lr"} and isinstance(reply["lr"], float)
             assert all(isinstance(k, str) and isinstance(v, float) for k, v in reply["loss"].items())
-        elif step == "weights":
+        elif step in ("weights", "kept_weights"):
             assert set(reply) == model_keys[party]
         else:
             assert reply is None, (party, step)
@@ -204,14 +205,14 @@ def test_on_the_flower_simulation_the_wire_carries_the_same(tmp_path, monkeypatc
         assert call == {"step", "pid", "restored"} and records <= {"call", "payload", "arrays"}
         if step == "predict_public":
             assert arrays == {"logits": (N, 2, d.size, d.size), "grade": (N,)}
-        elif step == "weights":
+        elif step in ("weights", "kept_weights"):
             assert set(arrays) == _model_keys(cfg)["client0"]
         elif step == "test_weights":  # rows of names and numbers, like evaluate's
             assert arrays == {} and all(set(r) <= {"group", "name", "dice", "iou", "precision", "recall", "hd95"}
                                         for r in tree), tree
         else:
             assert arrays == {}, step
-        if step in ("fuse", "local", "begin_round", "save_state", "rollback", "load_state"):
+        if step in ("fuse", "local", "begin_round", "save_state", "rollback", "load_state", "keep_weights"):
             assert tree is None, step
         if step == "evaluate":
             assert all(set(r) <= {"group", "name", "dice", "iou", "precision", "recall", "hd95"} for r in tree)

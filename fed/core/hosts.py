@@ -55,6 +55,15 @@ class ClientHost:
         """The arguments of a client's ``save_state``/``load_state`` call for round ``rnd``."""
         return {"folder": folder, "rnd": rnd}
 
+    #: whether a client's checkpoint weights stay where the client lives until the end of the run
+    #: (``keep_weights``, then ``kept_weights`` once: :meth:`fed.core.runner.Runner.keep_checkpoints`)
+    #: instead of being sent here each time they improve
+    keeps_weights = False
+
+    def kept_kw(self, rnd: int) -> dict:
+        """The arguments of a client's ``keep_weights``/``kept_weights`` call for round ``rnd``."""
+        raise NotImplementedError(f"{type(self).__name__} writes checkpoints at once (keeps_weights is False)")
+
     @property
     def parties(self) -> Dict[str, Party]:
         raise AttributeError(f"{type(self).__name__} keeps no client party in this process")

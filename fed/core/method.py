@@ -67,8 +67,8 @@ class LossLog:
 
 
 #: what a runner may ask of any party besides the method's steps (the same names on every engine's wire)
-PARTY_CALLS = ("begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "evaluate",
-               "test_weights")
+PARTY_CALLS = ("begin_round", "rollback", "end_round", "save_state", "load_state", "weights", "keep_weights",
+               "kept_weights", "evaluate", "test_weights")
 
 
 def step(fn=None, *, read_only: bool = False, reply=None):

@@ -227,6 +227,27 @@ class Party:
         (no copy: nothing may train while it is written)."""
         atomic_torch_save(self.state_dict(), self.state_path(folder, rnd))
 
+    def kept_path(self, folder, rnd: int) -> Path:
+        return Path(folder) / f"{self.name}.kept.r{rnd}.pt"
+
+    def keep_weights(self, folder, rnd: int) -> None:
+        """Keep this party's model weights of round ``rnd`` in ``folder`` (a checkpoint that stays where the
+        party lives until :meth:`kept_weights` is asked for it), and the one kept before it: the server's
+        last committed choice is one of the two. Weights kept at later rounds (never committed: a round
+        done again after a resume, or another run's) go."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.weights(), self.kept_path(folder, rnd))
+        kept = sorted((int(f.name.rsplit(".r", 1)[1][:-3]), f) for f in Path(folder).glob(f"{self.name}.kept.r*.pt"))
+        earlier = [f for r, f in kept if r < rnd]
+        for f in [f for r, f in kept if r > rnd] + earlier[:-1]:
+            f.unlink()
+
+    def kept_weights(self, folder, rnd: int) -> dict:
+        """The weights kept at round ``rnd`` (:meth:`keep_weights`)."""
+        from utils.checkpoint import safe_load
+
+        return safe_load(self.kept_path(folder, rnd), f"weights {self.name} kept at round {rnd}")
+
     def load_state(self, folder, rnd: int) -> None:
         from utils.checkpoint import safe_load
 

@@ -352,6 +352,7 @@ class _AnyDict(Spec):
 PARTY_REPLIES: Dict[str, Spec] = {
     "begin_round": Nothing(), "rollback": Nothing(), "save_state": Nothing(), "load_state": Nothing(),
     "end_round": Losses(), "weights": State(), "evaluate": Rows(), "test_weights": Rows(),
+    "keep_weights": Nothing(), "kept_weights": State(),
 }
 
 

@@ -26,7 +26,7 @@ from datasets.federation import load_federation
 from datasets.splits import CLIENT_SPLITS
 from utils.checkpoint import client_ckpt_name, global_ckpt_name, safe_load
 from utils.device import environment
-from utils.io import atomic_torch_save, atomic_write_text
+from utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from utils.logger import RunLogger
 from utils.metrics import NAMES, ScoreBook
 
@@ -174,6 +174,7 @@ class Run:
         self.ck, self.state_dir = run / "checkpoints", run / STATE_DIR
         K = len(runner.names)
         self.best = {"clients": [{"dice": -1.0, "round": -1} for _ in range(K)], "all": {"dice": -1.0, "round": -1}}
+        self.kept: Dict[str, int] = {}  # each client's round of its best checkpoint (Runner.keep_checkpoints)
         self.writer = StateWriter(runner, self.state_dir)
         self.settings = cfg.settings()  # stored with every commit, to warn when a resume changes them
         self.startup: Optional[dict] = {"start_s": round(time.time() - t0, 3), "build_s": round(build_s, 3)}
@@ -225,6 +226,7 @@ class Run:
                     f.unlink()
             self.runner.load_state(self.state_dir, last)
             self.best, start = commit["best"], last + 1
+            self.kept = commit.get("kept", {})
             _warn_config_changes(self.logger, commit.get("config", {}), self.cfg)
             self.logger.info(f"resumed {self.dir} after round {last}")
         else:
@@ -245,7 +247,7 @@ class Run:
         record = {"round": rnd, "warmup": runner.method.warm(rnd), "lr": out["lr"], "loss": out["loss"],
                   "val": val, **self.keep_best(rnd, val)}
         eval_s = time.perf_counter() - te
-        write_s = self.writer.commit(rnd, {"best": self.best, "config": self.settings})
+        write_s = self.writer.commit(rnd, {"best": self.best, "kept": self.kept, "config": self.settings})
         record["skipped"] = out["skipped"]
         if out.get("rejoined"):
             record["rejoined"] = out["rejoined"]
@@ -276,7 +278,10 @@ class Run:
             k = runner.names.index(n)
             if n in val:
                 best["clients"][k] = {"dice": val[n]["dice"], "round": rnd, "val": val[n], "test": test[n]}
-            atomic_torch_save(runner.client_weights(n), self.ck / client_ckpt_name(runner.archs[n], k))
+        if chosen:  # where the client lives until the end (a Flower site), else written here now
+            paths = {n: self.ck / client_ckpt_name(runner.archs[n], runner.names.index(n)) for n in chosen}
+            runner.keep_checkpoints(paths, rnd)
+            self.kept.update({n: rnd for n in chosen})
         if pooled:
             best["all"] = {"dice": val["all"]["dice"], "round": rnd, "val": val["all"],
                            **({"test": test["all"]} if shared else {})}
@@ -288,11 +293,21 @@ class Run:
     def finish(self) -> dict:
         """The last round's checkpoints, the test at the sites with the best ones, ``results.json``."""
         cfg, runner, ck = self.cfg, self.runner, self.ck
+        for n in runner.lost:  # a site that stopped answering: its checkpoints are those it had sent
+            self.logger.warning(f"{n} was lost ({runner.lost[n]}): no last checkpoint"
+                                + (f"; its best (round {self.kept[n]}) stays at the site" if n in self.kept
+                                   and runner.host.keeps_weights else ""))
+        runner.fetch_checkpoints({n: (r, ck / client_ckpt_name(runner.archs[n], runner.names.index(n)))
+                                  for n, r in self.kept.items() if n not in runner.lost})
+        # a client kept at the last round: its last weights are those (nothing trained since), sent once
+        same = {n for n, r in self.kept.items() if r == runner.round and runner.host.keeps_weights}
+        weights = runner.clients_weights([n for n in runner.names if n not in runner.lost and n not in same])
         for k, n in enumerate(runner.names):
-            if n in runner.lost:  # a site that stopped answering: its best checkpoint is its last one here
-                self.logger.warning(f"{n} was lost ({runner.lost[n]}): no last checkpoint")
-                continue
-            atomic_torch_save(runner.client_weights(n), ck / client_ckpt_name(runner.archs[n], k, "last"))
+            last = ck / client_ckpt_name(runner.archs[n], k, "last")
+            if n in weights:
+                atomic_torch_save(weights.pop(n), last)
+            elif n in same and n not in runner.lost:
+                atomic_write_bytes(last, (ck / client_ckpt_name(runner.archs[n], k)).read_bytes())
         atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(cfg.models.server, "last"))
         tt = time.perf_counter()
         final = self.final_test(self.dir / "test")

@@ -35,6 +35,7 @@ import torch
 
 from datasets.dataset import SegDataset
 from utils.device import Amp, resolve_device
+from utils.io import atomic_torch_save
 from utils.metrics import ScoreBook
 
 from fed.core import calls as wire  # wire.call looked up per call (tests wrap it)
@@ -257,7 +258,48 @@ class Runner:
         return book
 
     def client_weights(self, name: str) -> dict:
-        return self._call_one(name, "weights", None, {})
+        return self.clients_weights([name])[name]
+
+    def clients_weights(self, names: List[str]) -> Dict[str, dict]:
+        """The weights of each of ``names``, asked of all at once (a deployment's sites send them side by
+        side); the first failure is raised, as is a site lost meanwhile."""
+        return self._ask(names, "weights", {})
+
+    def keep_checkpoints(self, paths: Dict[str, Path], rnd: int) -> None:
+        """Each client of ``paths`` makes its current weights (round ``rnd``) its checkpoint ``paths[name]``.
+        A host whose clients live elsewhere (``host.keeps_weights``: a Flower site) keeps them where the
+        client lives, and they cross once, at the end (:meth:`fetch_checkpoints`); otherwise they are
+        written now."""
+        if self.host.keeps_weights:
+            self._ask(list(paths), "keep_weights", self.host.kept_kw(rnd))
+            return
+        weights = self.clients_weights(list(paths))
+        for name, path in paths.items():
+            atomic_torch_save(weights.pop(name), path)
+
+    def fetch_checkpoints(self, kept: Dict[str, tuple]) -> None:
+        """``{name: (round, path)}``: each client's weights kept at ``round`` (:meth:`keep_checkpoints`)
+        written to ``path`` here, asked of the clients of one round at once. Nothing to do where the host
+        wrote them at once."""
+        if not self.host.keeps_weights:
+            return
+        for rnd in sorted({r for r, _ in kept.values()}):
+            names = [n for n, (r, _) in kept.items() if r == rnd]
+            for name, weights in self._ask(names, "kept_weights", self.host.kept_kw(rnd)).items():
+                atomic_torch_save(weights, kept[name][1])
+
+    def _ask(self, names: List[str], step: str, kw: dict) -> Dict[str, object]:
+        """A party call on each of ``names`` at once; ``{name: reply}``. The first failure is raised, as is
+        a site lost meanwhile."""
+        out = {}
+        for name, reply in self._checked(list(names), step, None, kw):
+            if isinstance(reply, ClientFailure):
+                reply.raise_()
+            out[name] = reply
+        for name in names:
+            if name not in out:
+                raise ClientFailure(name, f"lost: {self.lost.get(name)}")
+        return out
 
     def server_weights(self) -> dict:
         """The server's model (the global model of a shared-model method)."""

@@ -47,7 +47,7 @@ from . import engine as _engine  # noqa: F401  (sets Flower's offline environmen
 from .engine import FlowerHost
 from .site import make_client_app
 from .sited import INFO as SITED_INFO, KEY as SITED_KEY
-from .supernode import DEFAULT_HEARTBEAT_S, DEFAULT_POLL_S
+from .supernode import DEFAULT_HEARTBEAT_S, DEFAULT_POLL_S, PULL_WAIT_S, quick_pulls
 
 REPO = Path(__file__).resolve().parents[2]
 APP_DIR = REPO / "flower_app"
@@ -107,6 +107,7 @@ def _server_main(grid, context) -> None:
     from fed.core.run import train
 
     rc = context.run_config
+    quick_pulls(float(rc.get("pull-wait-s", PULL_WAIT_S)))  # the replies' objects, without Flower's 1 s waits
     cfg_path = Path(str(rc["config"]))
     status = cfg_path.parent / STATUS
     try:
@@ -342,7 +343,8 @@ def service_env(home: Path, base: Optional[dict] = None) -> dict:
 
 def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, on_start=None,
            poll_s: float = 0.5, insecure: bool = False, intruders: int = 0, site_processes: bool = True,
-           node_poll_s: float = DEFAULT_POLL_S, heartbeat_s: float = DEFAULT_HEARTBEAT_S, warm: bool = True) -> dict:
+           node_poll_s: float = DEFAULT_POLL_S, heartbeat_s: float = DEFAULT_HEARTBEAT_S, warm: bool = True,
+           pull_wait_s: float = PULL_WAIT_S) -> dict:
     """Run ``cfg`` on a loopback deployment in ``workdir``; returns ``status.json`` plus ``pids`` (the
     services started), ``transport`` and ``wall_s``. ``on_start(services, status_path)`` is called once
     ``flwr run`` has submitted the run (tests use it to kill a site). Every started process is stopped
@@ -359,7 +361,10 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
     the longest a SuperNode waits before asking its SuperLink for work again (:mod:`fed.flower.supernode`;
     3 is Flower's own ``flower-supernode``); ``heartbeat_s``: a SuperNode silent for twice this is gone, and
     only then may it join again (Flower's own: 30); ``warm``: each SuperNode serves its ClientApp tasks in
-    one process (:mod:`fed.flower.warm`) instead of a fresh ``flwr-clientapp`` per message."""
+    one process (:mod:`fed.flower.warm`) instead of a fresh ``flwr-clientapp`` per message; ``pull_wait_s``:
+    every process that receives messages (ServerApp, SuperNodes, warm processes) asks again for a
+    message's objects that are not there yet after this long (:func:`fed.flower.supernode.quick_pulls`;
+    Flower's own: 1)."""
     import yaml
 
     t0 = time.time()
@@ -424,7 +429,8 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
                 "--root-certificates", str(secure["tls"]["ca"]),
                 "--auth-supernode-private-key", str(secure["nodes"][key]["private"])]
             return [sys.executable, "-m", "fed.flower.supernode", "--poll-s", f"{node_poll_s:g}",
-                    "--heartbeat-s", f"{heartbeat_s:g}", *([] if warm else ["--cold"]), *security,
+                    "--heartbeat-s", f"{heartbeat_s:g}", "--pull-wait-s", f"{pull_wait_s:g}",
+                    *([] if warm else ["--cold"]), *security,
                     "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(free_port()),
                     "--node-config", node_config(node)]
 
@@ -436,7 +442,8 @@ def deploy(cfg, workdir: Path, timeout_s: float = 600.0, resume: bool = False, o
         for i in range(intruders):  # claims to be site 0, with a key the SuperLink was never given
             svc.start(f"intruder{i}", supernode(len(nodes) + i, nodes[0]))
         cmd = [exe("flwr"), "run", str(APP_DIR), "loopback", "--run-config",
-               f'config="{cfg_path}" resume={"true" if resume else "false"} transport="{transport}"']
+               f'config="{cfg_path}" resume={"true" if resume else "false"} transport="{transport}" '
+               f'pull-wait-s={pull_wait_s:g}']
         sub = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
         (logs / "flwr-run.log").write_text(sub.stdout + sub.stderr)
         if sub.returncode != 0:
@@ -539,6 +546,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heartbeat-s", type=float, default=DEFAULT_HEARTBEAT_S,
                     help="a SuperNode silent for twice this many seconds counts as gone, and may then join again "
                          "(at least 10; Flower's own: 30)")
+    ap.add_argument("--pull-wait-s", type=float, default=PULL_WAIT_S,
+                    help="every process that receives messages asks again for a message's objects that are not "
+                         "there yet after this long, doubling (fed.flower.supernode.quick_pulls; Flower's own: 1)")
     ap.add_argument("--cold", action="store_true",
                     help="a fresh flwr-clientapp process per message, as Flower's SuperNode (default: one warm "
                          "process per site serves them, fed.flower.warm)")
@@ -554,7 +564,7 @@ def main(argv=None) -> int:
     else:
         cfg = load_config(a.config or str(REPO / "configs" / "demo.yaml"), a.overrides)
     out = deploy(cfg, workdir, timeout_s=a.timeout, resume=a.resume, insecure=a.insecure,
-                 node_poll_s=a.node_poll_s, heartbeat_s=a.heartbeat_s, warm=not a.cold)
+                 node_poll_s=a.node_poll_s, heartbeat_s=a.heartbeat_s, warm=not a.cold, pull_wait_s=a.pull_wait_s)
     print(json.dumps({k: v for k, v in out.items() if k != "results"}, indent=1, default=str))
     return 0 if out.get("ok") else 1
 

@@ -41,6 +41,7 @@ from flwr.common.constant import ErrorCode
 from fed.core.calls import PARTY_CALLS, ClientFailure, to_device
 from fed.core.hosts import ClientHost
 from fed.core.method import for_client
+from utils import timeline
 
 from .codec import content_bytes, decode_payload, encode_kw, encode_payload
 from .site import HELLO, LOST_ERRORS, SETUP, TRACE, make_client_app, write_node
@@ -48,7 +49,7 @@ from .site import HELLO, LOST_ERRORS, SETUP, TRACE, make_client_app, write_node
 SITES_DIR = "sites"  # <run>/sites/<client>: the simulated sites' disks
 #: party calls that only read a party (Flower message type "query"), with a method's ``read_only`` steps;
 #: every other step is "train"
-READ_ONLY = {"evaluate", "weights", "end_round", "save_state", "test_weights"}
+READ_ONLY = {"evaluate", "weights", "end_round", "save_state", "test_weights", "keep_weights", "kept_weights"}
 START_TIMEOUT_S = 600.0
 RECOVER_TIMEOUT_S = 30.0  # how long a node that may be a lost site is given to answer, without train.site_timeout_s
 #: Flower's error codes that mean the site is gone: its node is down, its reply will never come, the
@@ -166,6 +167,14 @@ class FlowerHost(ClientHost):
     def state_kw(self, folder: Path, rnd: int) -> dict:
         """A site writes and reads its state on its own disk (``<site>/state``): only the round crosses."""
         return {"rnd": rnd}
+
+    #: a site keeps its checkpoint weights on its own disk (``<site>/kept``); they cross once, at the end
+    #: (a model is tens of MB: sent each time a client improves, they were most of a deployment's round)
+    keeps_weights = True
+
+    def kept_kw(self, rnd: int) -> dict:
+        return {"rnd": rnd}
+
     def _send(self, node_calls: dict, kind: str, timeout: float = START_TIMEOUT_S) -> list:
         """``{node: call}`` as messages of Flower type ``kind``; the replies that came within ``timeout``."""
         from flwr.app import ConfigRecord, Message, RecordDict
@@ -320,6 +329,7 @@ class FlowerHost(ClientHost):
             got = list(self.grid.pull_messages(list(pending)))
             for reply in got:
                 name, down = pending.pop(reply.metadata.reply_to_message_id)
+                timeline.mark(who="server", step=step, site=name, round=self.runner.round, sent=sent, got=time.time())
                 if reply.has_error():
                     self._count(name, step, down, 0)
                     reason, _, trace = reply.error.reason.partition(TRACE)

@@ -64,6 +64,7 @@ NODE_KEYS = {"site": "its site name in the run's data.clients", "arch": "its arc
              "data-root": "the folder holding <dataset>/<site>/ and <dataset>/<public>/"}
 PARTITION_KEY = "partition-id"  # set by the simulation for every node
 NODE, SPLIT, ENTRY, RUN, LIVE, STATE = "node.json", "split.json", "entry.json", "run.json", "live.pt", "state"
+KEPT = "kept"  # <site>/kept: the checkpoint weights the site keeps until the end of the run (keep_weights)
 HELLO = "hello"                 # the run's first message to every node: who are you (site, arch)?
 SETUP = "setup"                 # then: settings, device, threads, persistence, the client's name and split
 TRACE = "\n--- traceback ---\n"  # separates an error reply's reason from the site's traceback
@@ -278,6 +279,8 @@ def answer(content: RecordDict, message_type: str, node_config, sites_root: Opti
         kw = decode_kw(content)
         if step in ("save_state", "load_state"):  # the site's own disk, whatever the server's folder is
             kw["folder"] = folder / STATE
+        elif step in ("keep_weights", "kept_weights"):  # the site's checkpoints, until the server asks for them
+            kw["folder"] = folder / KEPT
         if step == "test_weights":  # test overlays show the site's images: they stay on its disk
             kw["overlay_dir"] = folder / "test_overlays"
         msg = to_device(decode_payload(content), site.device)

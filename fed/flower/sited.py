@@ -30,6 +30,7 @@ import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 
+from utils import timeline
 from utils.io import atomic_write_bytes
 
 INFO, KEY = "sited.json", "sited.key"
@@ -83,6 +84,7 @@ def serve_forever(folder: Path, ready=None) -> None:
                 # one line per message: when it came, what it asked, how long the site worked on it
                 print(f"{time.strftime('%H:%M:%S', time.localtime(t0))}.{int(t0 % 1 * 1000):03d} {step}: "
                       f"{reply[0]} in {time.time() - t0:.2f} s", flush=True)
+                timeline.mark(who="site", step=step, start=t0, end=time.time())
                 try:
                     conn.send(reply)
                 except (OSError, EOFError):

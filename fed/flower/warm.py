@@ -42,6 +42,10 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from utils import timeline
+
+from .supernode import PULL_WAIT_S, quick_pulls
+
 POLL_S = 0.05  # how often the idle process asks its SuperNode for a task (each ask is an HTTP request)
 
 
@@ -57,11 +61,14 @@ def serve_task(address: str, token: str, insecure: bool, certificates: Optional[
     beat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     message = reply = context = None
     status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    times = {"took": time.time()}
     try:
         beat.start()
         message, context, run, fab = pull_task_input(client)
+        times["pulled"] = time.time()
         app = load_app(run, fab)
         reply = app(message=message, context=context)
+        times["answered"] = time.time()
         status, details = SubStatus.COMPLETED, ""
     except Exception as e:  # noqa: BLE001 - the reply says it, as flwr-clientapp's does
         traceback.print_exc()
@@ -78,6 +85,7 @@ def serve_task(address: str, token: str, insecure: bool, certificates: Optional[
             if beat.is_running:
                 beat.stop()
             client.close()
+            timeline.mark(who="warm", **times, pushed=time.time())
     return status
 
 
@@ -96,8 +104,10 @@ class AppCache:
 
 
 def serve(address: str, insecure: bool, root_certificates_path: Optional[str] = None,
-          parent_pid: Optional[int] = None, poll_s: float = POLL_S) -> None:
-    """Ask the SuperNode at ``address`` for ClientApp tasks and run each here, until the parent ends."""
+          parent_pid: Optional[int] = None, poll_s: float = POLL_S, pull_wait_s: float = PULL_WAIT_S) -> None:
+    """Ask the SuperNode at ``address`` for ClientApp tasks and run each here, until the parent ends; a
+    message's objects not there yet are asked for again after ``pull_wait_s`` (:func:`~fed.flower.supernode.quick_pulls`)."""
+    quick_pulls(pull_wait_s)
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     certificates = validate_and_resolve_root_certificates(root_certificates_path, insecure)
@@ -125,6 +135,8 @@ def serve(address: str, insecure: bool, root_certificates_path: Optional[str] = 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Serve a SuperNode's ClientApp tasks in this one process "
                                              "(in place of flower-superexec).")
+    ap.add_argument("--pull-wait-s", type=float, default=PULL_WAIT_S,
+                    help="first wait before asking again for a message's missing objects (Flower's: 1)")
     ap.add_argument("--insecure", action="store_true")
     ap.add_argument("--root-certificates", default=None)
     ap.add_argument("--runtime-api-address", required=True)
@@ -135,7 +147,7 @@ def main(argv=None) -> int:
     if a.allow_runtime_dependency_installation:
         ap.error("runtime dependency installation is not supported by the warm process: run the SuperNode "
                  "without --warm (python -m fed.flower.supernode --cold)")
-    serve(a.runtime_api_address, a.insecure, a.root_certificates, a.parent_pid)
+    serve(a.runtime_api_address, a.insecure, a.root_certificates, a.parent_pid, pull_wait_s=a.pull_wait_s)
     return 0
 
 
