@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -307,11 +308,25 @@ class Runner:
 
     def save_state(self, folder: Path, rnd: int) -> None:
         """Every party writes its own state file, where it lives (a worker writes its clients', a site to
-        its own disk)."""
-        self.server_party.save_state(folder, rnd)
-        self.state_folder = folder
-        for n in self._all("save_state", **self.host.state_kw(folder, rnd)):
-            self.saved[n] = rnd
+        its own disk); the server's is written on a thread of its own meanwhile."""
+        errors = []
+
+        def server():
+            try:
+                self.server_party.save_state(folder, rnd)
+            except BaseException as e:  # noqa: BLE001 - raised below
+                errors.append(e)
+
+        writer = threading.Thread(target=server, name="server-state", daemon=True)
+        writer.start()
+        try:
+            self.state_folder = folder
+            for n in self._all("save_state", **self.host.state_kw(folder, rnd)):
+                self.saved[n] = rnd
+        finally:
+            writer.join()
+        if errors:
+            raise errors[0]
 
     def load_state(self, folder: Path, rnd: int) -> None:
         self.server_party.load_state(folder, rnd)
