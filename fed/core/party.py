@@ -228,6 +228,7 @@ class Party:
         atomic_torch_save(self.state_dict(), self.state_path(folder, rnd))
 
     def kept_path(self, folder, rnd: int) -> Path:
+        """``<folder>/<name>.kept.r<round>.pt`` (:func:`round_of` reads the round back)."""
         return Path(folder) / f"{self.name}.kept.r{rnd}.pt"
 
     def keep_weights(self, folder, rnd: int) -> None:
@@ -237,7 +238,7 @@ class Party:
         done again after a resume, or another run's) go."""
         Path(folder).mkdir(parents=True, exist_ok=True)
         atomic_torch_save(self.weights(), self.kept_path(folder, rnd))
-        kept = sorted((int(f.name.rsplit(".r", 1)[1][:-3]), f) for f in Path(folder).glob(f"{self.name}.kept.r*.pt"))
+        kept = sorted((round_of(f), f) for f in Path(folder).glob(f"{self.name}.kept.r*.pt"))
         earlier = [f for r, f in kept if r < rnd]
         for f in [f for r, f in kept if r > rnd] + earlier[:-1]:
             f.unlink()
@@ -252,6 +253,11 @@ class Party:
         from utils.checkpoint import safe_load
 
         self.load_state_dict(safe_load(self.state_path(folder, rnd), f"training state of {self.name}"))
+
+
+def round_of(path: Path) -> int:
+    """The round of a party's state or kept-weights file (:meth:`Party.state_path`, :meth:`Party.kept_path`)."""
+    return int(Path(path).name.rsplit(".r", 1)[1].split(".")[0])
 
 
 def make_party(cfg, amp: Amp, name: str, arch: str, items: Dict[str, list], public: SegDataset,

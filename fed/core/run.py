@@ -30,6 +30,7 @@ from utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from utils.logger import RunLogger
 from utils.metrics import NAMES, ScoreBook
 
+from fed.core.party import round_of
 from fed.core.runner import Runner, engine_host, make_runner
 
 STATE_DIR = Path("state")
@@ -149,7 +150,7 @@ class StateWriter:
         atomic_write_text(self.folder / COMMIT, json.dumps({"round": rnd, **extra}))
         # each party's files by round: rounds after this one were never committed; of the others each
         # party keeps its latest (a lost site's stays: it resumes there)
-        files = [(f.name.rsplit(".r", 1)[0], _state_round(f), f) for f in self.folder.glob("*.r*.pt")]
+        files = [(f.name.rsplit(".r", 1)[0], round_of(f), f) for f in self.folder.glob("*.r*.pt")]
         latest: Dict[str, int] = {}
         for name, r, _ in files:
             if r <= rnd:
@@ -158,10 +159,6 @@ class StateWriter:
             if r != latest.get(name):
                 f.unlink()
         return self.seconds
-
-
-def _state_round(path: Path) -> int:
-    return int(path.name.rsplit(".r", 1)[1].split(".")[0])
 
 
 class Run:
@@ -222,7 +219,7 @@ class Run:
             commit = json.loads((self.state_dir / COMMIT).read_text())
             last = commit["round"]
             for f in self.state_dir.glob("*.r*.pt"):  # files of a round that was never committed
-                if _state_round(f) != last:
+                if round_of(f) != last:
                     f.unlink()
             self.runner.load_state(self.state_dir, last)
             self.best, start = commit["best"], last + 1
@@ -300,13 +297,14 @@ class Run:
         runner.fetch_checkpoints({n: (r, ck / client_ckpt_name(runner.archs[n], runner.names.index(n)))
                                   for n, r in self.kept.items() if n not in runner.lost})
         # a client kept at the last round: its last weights are those (nothing trained since), sent once
-        same = {n for n, r in self.kept.items() if r == runner.round and runner.host.keeps_weights}
+        same = {n for n, r in self.kept.items()
+                if r == runner.round and runner.host.keeps_weights and n not in runner.lost}
         weights = runner.clients_weights([n for n in runner.names if n not in runner.lost and n not in same])
         for k, n in enumerate(runner.names):
             last = ck / client_ckpt_name(runner.archs[n], k, "last")
             if n in weights:
                 atomic_torch_save(weights.pop(n), last)
-            elif n in same and n not in runner.lost:
+            elif n in same:
                 atomic_write_bytes(last, (ck / client_ckpt_name(runner.archs[n], k)).read_bytes())
         atomic_torch_save(runner.server_weights(), ck / global_ckpt_name(cfg.models.server, "last"))
         tt = time.perf_counter()

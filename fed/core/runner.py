@@ -152,15 +152,7 @@ class Runner:
         if self.logger is not None:
             self.logger.log.error(f"{failure.name} ({self.sites[failure.name]}) fails and sits this round out: "
                                   f"{failure.reason}\n{failure.trace}")
-        self._call_one(failure.name, "rollback", None, {})
-
-    def _call_one(self, name: str, step: str, msg, kw: dict):
-        """A party call on one client; its failure is raised."""
-        for _, reply in self._checked([name], step, msg, kw):
-            if isinstance(reply, ClientFailure):
-                reply.raise_()
-            return reply
-        raise ClientFailure(name, f"lost: {self.lost.get(name)}")
+        self._ask([failure.name], "rollback", {})
 
     def _all(self, step: str, **kw) -> Dict[str, object]:
         """A party call on every client that is not lost (not a method message: not counted); lost sites
@@ -223,7 +215,7 @@ class Runner:
             saved = self.saved.get(name)
             try:
                 if saved is not None and self.state_folder is not None:
-                    self._call_one(name, "load_state", None, self.host.state_kw(self.state_folder, saved))
+                    self._ask([name], "load_state", self.host.state_kw(self.state_folder, saved))
             except ClientFailure as e:
                 self.lost[name], self.lost_at[name] = f"{reason}; back, but its state of round {saved} could not be " \
                                                       f"loaded: {e.reason}", since
@@ -257,9 +249,6 @@ class Runner:
         for n in names:
             book.rows.extend(got.get(n, []))
         return book
-
-    def client_weights(self, name: str) -> dict:
-        return self.clients_weights([name])[name]
 
     def clients_weights(self, names: List[str]) -> Dict[str, dict]:
         """The weights of each of ``names``, asked of all at once (a deployment's sites send them side by

@@ -129,8 +129,10 @@ class Site:
         self.version = state["version"]
 
     def prune_states(self, keep=lambda r: True) -> None:
+        from fed.core.party import round_of
+
         for f in (self.folder / STATE).glob(f"{self.party.name}.r*.pt"):
-            if not keep(int(f.name.rsplit(".r", 1)[1].split(".")[0])):
+            if not keep(round_of(f)):
                 f.unlink()
 
 
