@@ -6,7 +6,9 @@ continuing a killed one with ``--resume``, so the study can be stopped at any mo
 After each cell it scores the last round's checkpoints too (``test.py --which last``), copies the cell's
 logs (never checkpoints) to ``logs/study/<study>/`` and rewrites the table and the figure from every
 finished cell. ``--table`` only rebuilds them; ``--dry-run`` lists the cells and what they would run;
-``--only ROW...`` restricts the cells; ``--max-cells N`` stops after N cells of this call.
+``--only ROW...`` restricts the cells; ``--max-cells N`` stops after N cells of this call. A cell with no
+run folder whose committed logs hold a finished run of the same config counts as done, so a fresh clone
+continues a study from ``logs/study/<study>/`` (a changed config runs the cell again).
 
 A study file::
 
@@ -128,6 +130,7 @@ def cells(study: dict) -> List[dict]:
             if i < len(row["seeds"]):
                 seed = row["seeds"][i]
                 out.append({"row": name, "seed": seed, "dir": study["runs"] / name / f"s{seed}",
+                            "logged": study["logs"] / name / f"s{seed}",
                             "overrides": _overrides(study, name, row, seed)})
     return out
 
@@ -171,14 +174,37 @@ def labeled_passes(cfg, row: dict) -> Optional[float]:
 
 # --- running ------------------------------------------------------------------------------------------------
 
-def cell_state(d: Path) -> str:
+def cell_state(d: Path, logged: Optional[Path] = None, cfg=None) -> str:
+    """``done`` / ``untested`` / ``resume`` from the run folder ``d``; a cell with nothing there is
+    ``logged`` when its committed logs (``logged``) hold a finished cell of the same config ``cfg`` (a
+    fresh clone continues a study from ``logs/study/`` without running its finished cells again),
+    otherwise ``new``."""
     if (d / "results.json").is_file() and (d / "test_last" / "per_image.csv").is_file():
         return "done"
     if (d / "results.json").is_file():
         return "untested"
     if (d / "state" / "last.json").is_file():
         return "resume"
+    if logged is not None and cfg is not None and logged_matches(logged, cfg):
+        return "logged"
     return "new"
+
+
+def _comparable(cfg) -> dict:
+    d = cfg.to_dict()
+    d.pop("_source", None)
+    d.get("output", {}).pop("dir", None)
+    return d
+
+
+def logged_matches(logged: Path, cfg) -> bool:
+    """Whether ``logged`` holds a finished cell (results, last-round test, config) whose config equals
+    ``cfg`` apart from where it was written."""
+    from fed import load_config
+
+    if not all((logged / f).is_file() for f in ("config.yaml", "results.json", "test_last/per_image.csv")):
+        return False
+    return _comparable(load_config(str(logged / "config.yaml"))) == _comparable(cfg)
 
 
 def _run(cmd: List[str], log: Path) -> int:
@@ -421,18 +447,25 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     todo = [c for c in cells(study) if not a.only or c["row"] in a.only]
+
+    def state_of(c):
+        return cell_state(c["dir"], c["logged"], cfgs[(c["row"], c["seed"])])
+
     if a.dry_run:
         for c in todo:
-            print(f"{c['row']:<24} s{c['seed']:<3} {cell_state(c['dir']):<8} --set {' '.join(c['overrides'])}")
+            print(f"{c['row']:<24} s{c['seed']:<3} {state_of(c):<8} --set {' '.join(c['overrides'])}")
         return 0
     if not a.table:
         t0, spent, ran = time.time(), {}, 0
         total = len(todo)
         for i, c in enumerate(todo, 1):
-            state = cell_state(c["dir"])
+            state = state_of(c)
             if state == "done":
                 export_cell(study, c)
                 print(f"[{i}/{total}] {c['row']} s{c['seed']}: done before", flush=True)
+                continue
+            if state == "logged":
+                print(f"[{i}/{total}] {c['row']} s{c['seed']}: done before (its logs in {c['logged']})", flush=True)
                 continue
             if a.max_cells is not None and ran >= a.max_cells:
                 print(f"stopping after {ran} cell(s) as asked; run the same command to continue", flush=True)
@@ -444,7 +477,7 @@ def main(argv=None) -> int:
             dt = time.time() - tc
             ran += 1
             spent.setdefault(c["row"], []).append(dt)
-            left = [x for x in todo[i:] if cell_state(x["dir"]) != "done"]
+            left = [x for x in todo[i:] if state_of(x) not in ("done", "logged")]
             mean_all = sum(sum(v) for v in spent.values()) / sum(len(v) for v in spent.values())
             eta = sum((sum(spent[x["row"]]) / len(spent[x["row"]])) if x["row"] in spent else mean_all for x in left)
             print(f"[{i}/{total}] {c['row']} s{c['seed']}: {status} in {_fmt_s(dt)} | elapsed "

@@ -196,6 +196,22 @@ def test_a_study_stopped_and_continued(tmp_path):
     assert (logs / "table.tex").read_text().count("\\\\") >= 4 and (logs / "curves.png").stat().st_size > 0
     again = subprocess.run(cmd + ["--dry-run"], cwd=ROOT, capture_output=True, text=True)
     assert again.stdout.count(" done ") == 4
+    # a fresh clone has the committed logs and no runs: its finished cells are not run again ...
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    st = S.load_study(p)
+    cfgs = S.check_configs(st)
+    assert [S.cell_state(c["dir"], c["logged"], cfgs[(c["row"], c["seed"])]) for c in S.cells(st)] == ["logged"] * 4
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("done before (its logs in") == 4 and not (tmp_path / "runs").exists()
+    # ... unless the study's config of a cell changed since its logs were written
+    y = yaml.safe_load(p.read_text())
+    y["rows"]["public_only"]["set"] = ["train.lr=0.0005"]
+    p.write_text(yaml.safe_dump(y))
+    again = subprocess.run(cmd + ["--dry-run"], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    assert [ln.split()[2] for ln in again] == ["logged", "new", "logged", "new"], again
 
 
 SHARED = ROOT.parent / "shared" / "data" / "polyp"
