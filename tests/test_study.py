@@ -14,7 +14,7 @@ import yaml
 from conftest import ROOT, tiny_overrides
 
 from bench import study as S
-from utils.compare import Run, SeedRow, compare_seeds, merge_seeds, pooled, seed_stats
+from utils.compare import Run, SeedRow, compare_seeds, format_seed_markdown, holm, merge_seeds, pooled, seed_stats
 
 
 def _run(path, images, method="m", up=None, time_s=None):
@@ -69,10 +69,31 @@ def test_compare_seeds_tests_the_seed_averaged_images_against_the_reference():
     assert by["ref"]["reference"] and by["ref"]["seeds"]["dice_best_all"]["mean"] == 55.5
     assert by["low"]["tests"]["dice"]["avg"]["p"] == pytest.approx(2 / 2**10)  # all 10 lower: exact p
     assert by["same"]["tests"]["dice"]["avg"]["p"] == 1.0  # identical per-image means
+    # Holm over the two rows tested: 2/1024 * 2 for the smaller, then max(that, 1.0 * 1) for the larger
+    assert by["low"]["tests"]["dice"]["avg"]["p_holm"] == pytest.approx(4 / 2**10)
+    assert by["same"]["tests"]["dice"]["avg"]["p_holm"] == 1.0
+    md = format_seed_markdown(res)
+    low_line = next(ln for ln in md.splitlines() if ln.startswith("| low "))
+    same_line = next(ln for ln in md.splitlines() if ln.startswith("| same "))
+    assert "0.002 *" in low_line and "*" not in same_line  # low stays significant after Holm, same does not
+    assert "Holm's correction for the 2 rows" in md
     with pytest.raises(Exception, match="reference row 'nope'"):
         compare_seeds(rows, "nope", ["dice"])
     with pytest.raises(Exception, match="folders of their own"):
         compare_seeds(rows + [SeedRow("again", ref, ref, {})], "ref", ["dice"])
+
+
+def test_holm_adjustment_by_hand_and_its_family_wise_error():
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 0.04, 0.06, 0.06 (monotone: max(0.06, 0.03 * 2)), 0.5; None kept
+    assert holm([0.03, None, 0.01, 0.5, 0.02]) == pytest.approx([0.06, None, 0.04, 0.5, 0.06])
+    assert holm([0.9, 0.8]) == [1.0, 1.0] and holm([0.9, 0.3]) == [0.9, 0.6] and holm([]) == [] and holm([None]) == [None]
+    # 20 true null hypotheses (uniform p): uncorrected, some p < 0.05 in about 1 - 0.95^20 = 64 % of the
+    # families; after Holm in at most 5 % (binomial bounds over 4000 families)
+    rng = np.random.default_rng(0)
+    fams = rng.uniform(size=(4000, 20))
+    raw = np.mean([(f < 0.05).any() for f in fams])
+    adj = np.mean([(np.array(holm(list(f))) < 0.05).any() for f in fams])
+    assert 0.60 < raw < 0.68 and adj < 0.05 + 3 * math.sqrt(0.05 * 0.95 / 4000)
 
 
 def test_pairs_are_tested_on_the_seeds_both_rows_have(tmp_path):

@@ -231,6 +231,19 @@ def wilcoxon_p(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
     return float(wilcoxon(x, y, alternative="two-sided").pvalue)
 
 
+def holm(ps: Sequence[Optional[float]]) -> List[Optional[float]]:
+    """Holm's step-down adjustment of a family of p-values (the ones that are not None): the i-th smallest
+    of m is multiplied by m - i + 1, then made non-decreasing in that order and capped at 1. It controls
+    the chance of any false rejection in the family, whatever the dependence between the tests."""
+    idx = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
+    out: List[Optional[float]] = [None] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, ps[i] * (len(idx) - rank)))
+        out[i] = running
+    return out
+
+
 def paired_test(ref: Run, run: Run, metric: str, column: str) -> dict:
     """p-value and number of pairs: the column's images, only those where both runs define the metric."""
     keys = [k for k in _keys(ref, column) if ref.images[k][metric] is not None and run.images[k][metric] is not None]
@@ -569,6 +582,10 @@ def compare_seeds(rows: Sequence[SeedRow], reference: str, metrics: Sequence[str
         row = by_label[tr["name"]]
         tr["seeds"] = seed_stats(row, metrics)
         tr["labeled_passes"] = row.labeled_passes
+    tested = [tr for tr in result["rows"] if not tr["reference"]]
+    for m in result["metrics"]:  # the family: every row tested against the reference, per metric
+        for tr, q in zip(tested, holm([tr["tests"][m][AVG]["p"] for tr in tested])):
+            tr["tests"][m][AVG]["p_holm"] = q
     archs = sorted({a for r in rows for a in r.archs.values()})
     result["arch_parts"] = archs if len(archs) > 1 else []  # one column per architecture in the table
     result["reference"]["label"] = reference
@@ -601,7 +618,7 @@ def format_seed_markdown(result: dict, title: str = "", notes: Sequence[str] = (
         for a in result["arch_parts"]:
             st = s.get(f"dice_best_{a}")
             cells.append("–" if st is None else _seed_cell(st))
-        cells += ["–" if r["reference"] else fmt_p(r["tests"][m][AVG]["p"]) for m in ms]
+        cells += ["–" if r["reference"] else _p_holm_cell(r["tests"][m][AVG]) for m in ms]
         lp = r["labeled_passes"]
         cells += ["–" if lp is None else f"{lp:g}", human_bytes(r["bytes"]), human_seconds(r["time_s"])]
         rows.append(cells)
@@ -609,8 +626,10 @@ def format_seed_markdown(result: dict, title: str = "", notes: Sequence[str] = (
     out += [f"Pooled test scores over all {result['images'][AVG]} test images (Dice in %, HD95 in px): mean ± std "
             f"over seeds of each seed's pooled mean; best = the best-validation checkpoints, last = the last "
             f"round. p: {TEST_NAME} against {result['reference']['label']} on the per-image scores averaged "
-            f"over seeds (best checkpoints), all clients pooled. Labeled passes: passes over the labeled "
-            f"public set per client per round.", ""]
+            f"over seeds (best checkpoints), all clients pooled; * marks a p that stays below 0.05 after "
+            f"Holm's correction for the {sum(not r['reference'] for r in result['rows'])} rows tested against "
+            f"{result['reference']['label']} (per metric). Labeled passes: passes over the labeled public set "
+            f"per client per round.", ""]
     out += _md_table(head, rows)
     out += ["", "Per client (mean ± std over test images of the seed-averaged per-image scores):", ""]
     per = format_markdown(result).split("\n")
@@ -618,11 +637,19 @@ def format_seed_markdown(result: dict, title: str = "", notes: Sequence[str] = (
     return "\n".join(out).rstrip() + "\n"
 
 
+def _p_holm_cell(test: dict) -> str:
+    q = test.get("p_holm")
+    return fmt_p(test["p"]) + (" *" if q is not None and q < 0.05 else "")
+
+
 def seed_csv_rows(result: dict) -> Tuple[List[str], List[dict]]:
-    """:func:`csv_rows` plus the over-seed statistics and the labeled budget."""
+    """:func:`csv_rows` plus the over-seed statistics, the Holm-adjusted p and the labeled budget."""
     fields, rows = csv_rows(result)
     extra = []
     for r, d in zip(result["rows"], rows):
+        for m in result["metrics"]:
+            q = None if r["reference"] else r["tests"][m][AVG].get("p_holm")
+            d[f"p_holm_{m}_{AVG}"] = "" if q is None else repr(q)
         d["labeled_passes"] = "" if r["labeled_passes"] is None else repr(r["labeled_passes"])
         for k, st in r["seeds"].items():
             if k == "seeds":
@@ -637,7 +664,8 @@ def seed_csv_rows(result: dict) -> Tuple[List[str], List[dict]]:
 
 
 def format_seed_latex(result: dict) -> str:
-    """booktabs rows: Dice and HD95 (mean ± std over seeds) at best and last, p, labeled passes."""
+    """booktabs rows: Dice and HD95 (mean ± std over seeds) at best and last, p ($^*$: below 0.05 after
+    Holm's correction), labeled passes."""
     ms = result["metrics"]
     out = ["% generated by bench/study.py (utils/compare.py); needs \\usepackage{booktabs}",
            f"\\begin{{tabular}}{{l{'cc' * len(ms)}{'c' * len(ms)}r}}", "\\toprule",
@@ -647,7 +675,8 @@ def format_seed_latex(result: dict) -> str:
     for r in result["rows"]:
         s = r["seeds"]
         cells = [_tex(r["label"])] + [cell(s[f"{m}_{w}_all"]) for m in ms for w in ("best", "last")]
-        cells += ["--" if r["reference"] else _tex_p(r["tests"][m][AVG]["p"]) for m in ms]
+        star = lambda t: "$^*$" if (t.get("p_holm") is not None and t["p_holm"] < 0.05) else ""
+        cells += ["--" if r["reference"] else _tex_p(r["tests"][m][AVG]["p"]) + star(r["tests"][m][AVG]) for m in ms]
         cells.append("--" if r["labeled_passes"] is None else f"{r['labeled_passes']:g}")
         out.append(" & ".join(cells) + " \\\\")
     return "\n".join(out + ["\\bottomrule", "\\end{tabular}"]) + "\n"
