@@ -348,7 +348,7 @@ def build_table(study: dict, cfgs: dict) -> Optional[dict]:
         table = out / "table.md"
         table.write_text(table.read_text().rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
     ref_cfg = cfgs[(study["reference"], study["rows"][study["reference"]]["seeds"][0])]
-    plot_curves(rows, out / "curves.png", study["name"], ref_cfg.train.warmup_rounds)
+    plot_curves(rows, out / "curves.png", study["name"], ref_cfg.train.warmup_rounds, study["reference"])
     return result
 
 
@@ -389,33 +389,63 @@ def pair_section(rows: dict, pairs: List[List[str]]) -> List[str]:
              f"averaged over those seeds.", ""] + _md_table(head, body))
 
 
-def plot_curves(rows, path: Path, title: str, warmup: int = 0) -> Optional[Path]:
+def plot_curves(rows, path: Path, title: str, warmup: int = 0, reference: Optional[str] = None) -> Optional[Path]:
+    """Small multiples: one panel per row (mean and min-max band over seeds of the pooled validation Dice
+    per round), each with the ``reference`` row (grey, dashed) and the public-only floor (grey, dotted)
+    behind it, on one shared y axis; the warm-up rounds shaded."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     rows = [r for r in rows if r.curves]
     if not rows:
         return None
-    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    if warmup:
-        ax.axvspan(-0.5, warmup - 0.5, color="0.9", zorder=0, label="warm-up (hssf, lssl, fixmatch)")
-    for r in rows:
+    def series(r):
         n = min(len(c) for c in r.curves)
         x = [c[0] for c in r.curves[0][:n]]
         y = np.array([[v for _, v in c[:n]] for c in r.curves]) * 100
-        line, = ax.plot(x, y.mean(0), label=f"{r.label} ({len(r.curves)})")
+        return x, y
+
+    by = {r.label: r for r in rows}
+    behind = [(by[k], "0.35", "--") for k in (reference, PUBLIC_ONLY) if k in by]
+    behind[1:] = [(r, "0.55", ":") for r, _, _ in behind[1:]]
+    ncols = min(5, len(rows))
+    nrows = math.ceil(len(rows) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.2 * nrows + 0.5), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, r in zip(axes.flat, rows):
+        if warmup:
+            ax.axvspan(-0.5, warmup - 0.5, color="0.92", zorder=0)
+        for other, color, style in behind:
+            if other is not r:
+                x, y = series(other)
+                ax.plot(x, y.mean(0), color=color, ls=style, lw=1)
+        x, y = series(r)
+        ax.plot(x, y.mean(0), color="C0", lw=1.8)
         if len(y) > 1:
-            ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.15)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("pooled val Dice (%)")
-    ax.set_title(f"{title}: mean and min-max over seeds (seeds in brackets)")
-    ax.legend(fontsize=7, ncol=2)
+            ax.fill_between(x, y.min(0), y.max(0), color="C0", alpha=0.2)
+        ax.set_title(f"{r.label} ({len(y)} seed{'s' if len(y) > 1 else ''})", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("pooled val Dice (%)", fontsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("round", fontsize=8)
+    legend = "mean and min-max over seeds"
+    if behind:
+        legend += "; behind each: " + ", ".join(f"{r.label} ({'dashed' if st == '--' else 'dotted'})"
+                                                for r, _, st in behind)
+    if warmup:
+        legend += f"; shaded: the {warmup} warm-up rounds of hssf"
+    fig.suptitle(f"{title}: pooled validation Dice per round ({legend})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
