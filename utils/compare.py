@@ -40,6 +40,7 @@ UNITS = {"dice": "%", "iou": "%", "precision": "%", "recall": "%", "hd95": "px"}
 AVG = "avg"
 PER_IMAGE = Path("test") / "per_image.csv"
 TEST_NAME = "two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon, zero differences dropped)"
+ALPHA = 0.05  # the level the study table marks (*) a Holm-adjusted p below
 
 
 class CompareError(ValueError):
@@ -626,7 +627,7 @@ def format_seed_markdown(result: dict, title: str = "", notes: Sequence[str] = (
     out += [f"Pooled test scores over all {result['images'][AVG]} test images (Dice in %, HD95 in px): mean ± std "
             f"over seeds of each seed's pooled mean; best = the best-validation checkpoints, last = the last "
             f"round. p: {TEST_NAME} against {result['reference']['label']} on the per-image scores averaged "
-            f"over seeds (best checkpoints), all clients pooled; * marks a p that stays below 0.05 after "
+            f"over seeds (best checkpoints), all clients pooled; * marks a p that stays below {ALPHA:g} after "
             f"Holm's correction for the {sum(not r['reference'] for r in result['rows'])} rows tested against "
             f"{result['reference']['label']} (per metric). Labeled passes: passes over the labeled public set "
             f"per client per round.", ""]
@@ -637,9 +638,13 @@ def format_seed_markdown(result: dict, title: str = "", notes: Sequence[str] = (
     return "\n".join(out).rstrip() + "\n"
 
 
+def holm_significant(test: dict) -> bool:
+    """Whether a test's Holm-adjusted p (:func:`compare_seeds`) is below :data:`ALPHA`."""
+    return test.get("p_holm") is not None and test["p_holm"] < ALPHA
+
+
 def _p_holm_cell(test: dict) -> str:
-    q = test.get("p_holm")
-    return fmt_p(test["p"]) + (" *" if q is not None and q < 0.05 else "")
+    return fmt_p(test["p"]) + (" *" if holm_significant(test) else "")
 
 
 def seed_csv_rows(result: dict) -> Tuple[List[str], List[dict]]:
@@ -675,8 +680,8 @@ def format_seed_latex(result: dict) -> str:
     for r in result["rows"]:
         s = r["seeds"]
         cells = [_tex(r["label"])] + [cell(s[f"{m}_{w}_all"]) for m in ms for w in ("best", "last")]
-        star = lambda t: "$^*$" if (t.get("p_holm") is not None and t["p_holm"] < 0.05) else ""
-        cells += ["--" if r["reference"] else _tex_p(r["tests"][m][AVG]["p"]) + star(r["tests"][m][AVG]) for m in ms]
+        cells += ["--" if r["reference"] else
+                  _tex_p(r["tests"][m][AVG]["p"]) + ("$^*$" if holm_significant(r["tests"][m][AVG]) else "") for m in ms]
         cells.append("--" if r["labeled_passes"] is None else f"{r['labeled_passes']:g}")
         out.append(" & ".join(cells) + " \\\\")
     return "\n".join(out + ["\\bottomrule", "\\end{tabular}"]) + "\n"
